@@ -1,0 +1,165 @@
+"""The ONet / Argus-3D occupancy layout: read, write, and a Dataset.
+
+Layout: `<root>/<category>/<id>/points.npz` and `pointcloud.npz`, per category split lists
+`<root>/<category>/{train,val,test}.lst` (one id per line) and an optional
+`<root>/metadata.yaml` ({category: {id, name}}). Coordinates follow ShapeNet/ONet: +y up,
+surface inside [-0.5, 0.5], query points inside [-0.55, 0.55].
+
+| file | keys |
+|---|---|
+| points.npz | points (N, 3) float16/32; occupancies (ceil(N / 8),) uint8 = np.packbits(occ); loc (3,); scale () |
+| pointcloud.npz | points (M, 3) and normals (M, 3) float16/32; loc (3,); scale () |
+
+`loc` and `scale` record the normalisation: original = points * scale + loc.
+"""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from datasets.errors import DatasetError, log
+
+SPLITS = ("train", "val", "test")
+# The G-buffer world is +z up; ONet's is +y up: a rotation of -90 degrees about x.
+ZUP_TO_YUP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
+
+
+def write_points(path, points_N3, occ_N, loc=(0.0, 0.0, 0.0), scale=1.0, dtype=np.float16):
+    np.savez(path, points=np.asarray(points_N3).astype(dtype), occupancies=np.packbits(np.asarray(occ_N, bool)),
+             loc=np.asarray(loc, np.float32), scale=np.float32(scale))
+
+
+def write_pointcloud(path, points_M3, normals_M3, loc=(0.0, 0.0, 0.0), scale=1.0, dtype=np.float16):
+    np.savez(path, points=np.asarray(points_M3).astype(dtype), normals=np.asarray(normals_M3).astype(dtype),
+             loc=np.asarray(loc, np.float32), scale=np.float32(scale))
+
+
+def write_split_lists(root, category: str, splits: dict):
+    for name, ids in splits.items():
+        Path(root, category, f"{name}.lst").write_text("".join(f"{i}\n" for i in ids))
+
+
+def _load_npz(path, keys):
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in keys if k not in z.files]
+            if missing:
+                raise DatasetError(path, f"missing arrays {missing} (has {z.files})")
+            return {k: z[k] for k in keys}
+    except FileNotFoundError:
+        raise DatasetError(path, "missing file") from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+        raise DatasetError(path, f"corrupt or truncated .npz ({e})") from None
+
+
+def _points_array(path, arr, name):
+    if arr.ndim != 2 or arr.shape[1] != 3 or arr.dtype.kind != "f":
+        raise DatasetError(path, f"'{name}' has shape {arr.shape} and dtype {arr.dtype}, expected (N, 3) float")
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise DatasetError(path, f"'{name}' contains NaN or inf")
+    return arr
+
+
+def read_points(path):
+    """-> points (N, 3) float32, occupancies (N,) bool, and whether the file stored float16."""
+    z = _load_npz(path, ("points", "occupancies"))
+    pts = _points_array(path, z["points"], "points")
+    packed = z["occupancies"]
+    if packed.dtype != np.uint8 or packed.ndim != 1 or packed.shape[0] * 8 < len(pts):
+        raise DatasetError(path, f"'occupancies' has shape {packed.shape} dtype {packed.dtype}, expected "
+                           f"np.packbits of {len(pts)} labels ({(len(pts) + 7) // 8} uint8)")
+    return pts, np.unpackbits(packed)[: len(pts)].astype(bool), z["points"].dtype == np.float16
+
+
+def read_pointcloud(path):
+    """-> points (M, 3), normals (M, 3), float32."""
+    z = _load_npz(path, ("points", "normals"))
+    pts = _points_array(path, z["points"], "points")
+    nrm = _points_array(path, z["normals"], "normals")
+    if len(nrm) != len(pts):
+        raise DatasetError(path, f"{len(pts)} points but {len(nrm)} normals")
+    return pts, nrm
+
+
+def read_split(root, category: str, split: str) -> list:
+    path = Path(root, category, f"{split}.lst")
+    try:
+        return [l.strip() for l in path.read_text().splitlines() if l.strip()]
+    except FileNotFoundError:
+        raise DatasetError(path, "missing split list") from None
+
+
+def list_categories(root) -> list:
+    """Category folders: those named in metadata.yaml if present, else every folder with a .lst."""
+    root = Path(root)
+    meta = root / "metadata.yaml"
+    if meta.is_file():
+        try:
+            data = yaml.safe_load(meta.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise DatasetError(meta, f"not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise DatasetError(meta, "expected {category: {id, name}}")
+        return list(data)
+    cats = sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.lst"))) if root.is_dir() else []
+    if not cats:
+        raise DatasetError(root, "no category folder with a .lst split file: not an occupancy dataset root")
+    return cats
+
+
+class OccupancyDataset(torch.utils.data.Dataset):
+    """Shapes of an ONet-layout dataset, for occupancy tokenizers (Argus-3D stage 1).
+
+    A sample: points (num_points, 3) and occ (num_points,) float (query points and labels,
+    subsampled without replacement when the file has more), inputs (pointcloud_n, 3) surface
+    points with Gaussian noise `noise` (0.0005 as the Argus-3D code), normals of those points,
+    category (index into self.categories), model id and path.
+    """
+
+    def __init__(self, root, split: str = "train", categories=None, num_points: int = 2048,
+                 pointcloud_n: int = 30000, noise: float = 0.0005, skip_bad: bool = False):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.root = Path(root)
+        self.num_points, self.pointcloud_n, self.noise = num_points, pointcloud_n, noise
+        self.skip_bad, self.num_skipped = skip_bad, 0
+        known = list_categories(self.root)
+        unknown = set(categories or ()) - set(known)
+        if unknown:
+            raise DatasetError(self.root, f"unknown categories {sorted(unknown)}; has {known}")
+        self.categories = list(categories or known)
+        self.items = [(cat, m, ci) for ci, cat in enumerate(self.categories) for m in read_split(self.root, cat, split)]
+        if not self.items:
+            raise DatasetError(self.root, f"split '{split}' lists no shapes")
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        cat, model, ci = self.items[i]
+        d = self.root / cat / model
+        try:
+            pts, occ, half = read_points(d / "points.npz")
+            surf, nrm = read_pointcloud(d / "pointcloud.npz")
+        except DatasetError as e:
+            if not self.skip_bad:
+                raise
+            self.num_skipped += 1
+            log.warning("skipping damaged shape (%d so far): %s", self.num_skipped, e)
+            return None
+        # torch's RNG, which DataLoader seeds differently in every worker.
+        pick = lambda n, k: torch.randperm(n)[:k] if k < n else torch.arange(n)
+        qi, si = pick(len(pts), self.num_points), pick(len(surf), self.pointcloud_n)
+        points = torch.from_numpy(pts)[qi]
+        if half:  # ONet: float16 files get 1e-4 noise against the quantisation grid
+            points = points + 1e-4 * torch.randn_like(points)
+        inputs = torch.from_numpy(surf)[si]
+        inputs = inputs + self.noise * torch.randn_like(inputs)
+        return {"points": points, "occ": torch.from_numpy(occ)[qi].float(),
+                "inputs": inputs, "normals": torch.from_numpy(nrm)[si],
+                "category": ci, "model": model, "path": str(d)}

@@ -1,0 +1,1 @@
+"""Renderers: a triangle rasterizer (pure PyTorch, or nvdiffrast on CUDA) and mesh shading."""
