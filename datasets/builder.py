@@ -27,7 +27,7 @@ class RenderConfig:
     azimuths: list[float] = field(default_factory=lambda: [0, 60, 120, 180, 240, 300, 30, 90, 150, 210, 270, 330])
     elevations: list[float] = field(default_factory=lambda: [30, 5, 30, 5, 30, 5, 5, 30, 5, 30, 5, 30])
     ssaa: int = 3                  # supersampling per axis for RGB and alpha (odd)
-    jpeg_quality: int = 95         # depth_alpha.jpg
+    jpeg_quality: int = 100        # depth_alpha.jpg: 100 keeps depth within the 8-bit quantisation
     backend: str = "auto"          # rasterizer: auto, torch, nvdiffrast
     device: str = "cpu"
 

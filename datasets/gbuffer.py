@@ -93,7 +93,7 @@ def foreground_bbox(alpha_VHW: np.ndarray) -> np.ndarray:
 
 
 def write_gbuffer_object(obj_dir, rgb, alpha, depth, normal, c_V25, caption: str, ins: str,
-                         jpeg_quality: int = 95):
+                         jpeg_quality: int = 100):
     """Write one object from float renders: rgb (V, H, W, 3) in [0, 1] on white, alpha and
     depth (V, H, W), normal (V, H, W, 3) unit or 0, cameras (V, 25)."""
     obj_dir = Path(obj_dir)
@@ -124,7 +124,7 @@ def read_image(path, mode: str) -> np.ndarray:
             im.load()
             if im.mode != mode:
                 raise DatasetError(path, f"image mode {im.mode}, expected {mode}")
-            return np.asarray(im)
+            return np.array(im)
     except FileNotFoundError:
         raise DatasetError(path, "missing file") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:

@@ -39,6 +39,7 @@ def write_pointcloud(path, points_M3, normals_M3, loc=(0.0, 0.0, 0.0), scale=1.0
 
 
 def write_split_lists(root, category: str, splits: dict):
+    Path(root, category).mkdir(parents=True, exist_ok=True)
     for name, ids in splits.items():
         Path(root, category, f"{name}.lst").write_text("".join(f"{i}\n" for i in ids))
 

@@ -157,8 +157,11 @@ class ProceduralShape:
         verts = lo + verts * (hi - lo) / (res - 1)
         return verts, faces.astype(np.int64)
 
+    def _world_verts(self) -> np.ndarray:
+        return self.s * (self._design_verts @ self.R.T - self.center)
+
     def mesh(self) -> ColoredMesh:
-        verts = self.s * (self._design_verts @ self.R.T - self.center)
+        verts = self._world_verts()
         part = np.argmin([p.sdf(self._design_verts) for p in self.parts], 0)
         colors = np.array([PALETTE[p.color] for p in self.parts])[part]
         return ColoredMesh(verts.astype(np.float32), self.faces, colors.astype(np.float32),
@@ -167,8 +170,7 @@ class ProceduralShape:
     def surface_samples(self, n: int, rng) -> tuple:
         """n points on the surface (marching-cubes samples projected onto the zero set) and
         their outward unit normals, world units."""
-        mesh = self.mesh()
-        v = mesh.verts.astype(np.float64)[mesh.faces]
+        v = self._world_verts()[self.faces]
         area = np.linalg.norm(np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0]), axis=-1)
         tri = rng.choice(len(area), n, p=area / area.sum())
         r1, r2 = rng.random(n), rng.random(n)

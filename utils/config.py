@@ -75,12 +75,14 @@ def _check(tp, value, where: str):
     return value
 
 
-def from_dict(cls, data, where: str = "config"):
-    """Build dataclass `cls` from a mapping; every key must be a field of `cls`."""
+def from_dict(cls, data, where: str = ""):
+    """Build dataclass `cls` from a mapping; every key must be a field of `cls`. `where` is
+    the dotted path of `data` inside the whole config, for messages."""
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {data!r}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping for {cls.__name__}, got {data!r}")
+    prefix = f"{where}." if where else ""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -88,12 +90,12 @@ def from_dict(cls, data, where: str = "config"):
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(fields)})"
-            raise ConfigError(f"{where}: unknown key '{key}' for {cls.__name__}{hint}")
-        kwargs[key] = _check(hints[key], value, f"{where}.{key}")
+            raise ConfigError(f"unknown key '{prefix}{key}' for {cls.__name__}{hint}")
+        kwargs[key] = _check(hints[key], value, f"{prefix}{key}")
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise ConfigError(f"{where}: missing required key(s) {missing} for {cls.__name__}")
+        raise ConfigError(f"{where or 'config'}: missing required key(s) {missing} for {cls.__name__}")
     return cls(**kwargs)
 
 
@@ -107,7 +109,7 @@ def _set_path(data: dict, dotted: str, value):
 def load_config(cls, path=None, overrides=()):
     """Read YAML `path` (or start from defaults) and apply "a.b=value" overrides (YAML values)."""
     data = {}
-    where = "config"
+    source = "command line"
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -116,13 +118,16 @@ def load_config(cls, path=None, overrides=()):
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
-        where = str(path)
+        source = str(path)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, value = item.split("=", 1)
         _set_path(data, key.strip(), yaml.safe_load(value))
-    return from_dict(cls, data, where)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def to_dict(cfg) -> dict:

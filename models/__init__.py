@@ -1,0 +1,1 @@
+"""Networks: tokenizers, generators and condition encoders (the VQVAE and AR issues)."""
