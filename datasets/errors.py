@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 log = logging.getLogger("datasets")
 
@@ -11,13 +12,15 @@ class DatasetError(RuntimeError):
         self.path, self.reason = str(path), reason
         super().__init__(f"{path}: {reason}")
 
+    def __reduce__(self):  # survives pickling between DataLoader / pool processes
+        return DatasetError, (self.path, self.reason)
+
 
 def short_message(exc: BaseException) -> str:
     """The last line of an error, without the worker traceback that DataLoader wraps around it."""
     lines = [l for l in str(exc).strip().splitlines() if l.strip()]
     last = lines[-1] if lines else type(exc).__name__
-    prefix = "DatasetError: "
-    return last[len(prefix):] if last.startswith(prefix) else last
+    return re.sub(r"^(?:[\w.]+\.)?DatasetError: ", "", last)
 
 
 def collate_skipping(collate):

@@ -127,7 +127,7 @@ def read_image(path, mode: str) -> np.ndarray:
             return np.array(im)
     except FileNotFoundError:
         raise DatasetError(path, "missing file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise DatasetError(path, f"corrupt or truncated image ({e})") from None
 
 
@@ -137,7 +137,7 @@ def read_npy(path, shape=None, dtype_kind: str | None = None) -> np.ndarray:
         arr = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise DatasetError(path, "missing file") from None
-    except (ValueError, OSError, EOFError) as e:
+    except (ValueError, OSError, EOFError, MemoryError) as e:
         raise DatasetError(path, f"not a readable .npy array ({e})") from None
     if not isinstance(arr, np.ndarray):
         raise DatasetError(path, "not a single .npy array")

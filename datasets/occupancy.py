@@ -15,6 +15,7 @@ surface inside [-0.5, 0.5], query points inside [-0.55, 0.55].
 from __future__ import annotations
 
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,7 @@ def _load_npz(path, keys):
             return {k: z[k] for k in keys}
     except FileNotFoundError:
         raise DatasetError(path, "missing file") from None
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError, MemoryError) as e:
         raise DatasetError(path, f"corrupt or truncated .npz ({e})") from None
 
 
@@ -90,9 +91,11 @@ def read_pointcloud(path):
 def read_split(root, category: str, split: str) -> list:
     path = Path(root, category, f"{split}.lst")
     try:
-        return [l.strip() for l in path.read_text().splitlines() if l.strip()]
+        return [l.strip() for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
     except FileNotFoundError:
         raise DatasetError(path, "missing split list") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise DatasetError(path, f"unreadable split list ({e})") from None
 
 
 def list_categories(root) -> list:
@@ -106,7 +109,7 @@ def list_categories(root) -> list:
             raise DatasetError(meta, f"not valid YAML ({e})") from None
         if not isinstance(data, dict):
             raise DatasetError(meta, "expected {category: {id, name}}")
-        return list(data)
+        return [str(k) for k in data]   # unquoted ShapeNet ids load as ints
     cats = sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.lst"))) if root.is_dir() else []
     if not cats:
         raise DatasetError(root, "no category folder with a .lst split file: not an occupancy dataset root")

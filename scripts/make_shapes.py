@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -21,19 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tqdm import tqdm  # noqa: E402
-
 from datasets.builder import BuildConfig, write_indices, write_object  # noqa: E402
 from datasets.shapes import LABELS, sample_shape  # noqa: E402
 from utils.cli import run  # noqa: E402
 from utils.config import load_config, to_dict  # noqa: E402
+from utils.parallel import parallel_map  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "data" / "build.yaml"
-
-
-def _init_worker():
-    import torch
-    torch.set_num_threads(1)
 
 
 def _make_one(job):
@@ -82,17 +75,8 @@ def main(argv=None):
         else:
             jobs.append((args.out, i, args.seed, cfg))
     t0 = time.time()
-    bar = tqdm(total=len(jobs), desc="make_shapes", unit="obj")
-    if args.workers <= 1 or len(jobs) <= 1:
-        _init_worker()
-        results = map(_make_one, jobs)
-    else:
-        pool = mp.get_context("spawn").Pool(args.workers, initializer=_init_worker)
-        results = pool.imap_unordered(_make_one, jobs)
-    for label, obj_id in results:
+    for label, obj_id in parallel_map(_make_one, jobs, args.workers, "make_shapes"):
         done.setdefault(label, []).append(obj_id)
-        bar.update()
-    bar.close()
     minutes = (time.time() - t0) / 60
     write_indices(args.out, done, cfg.holdout_fraction)
     n = sum(len(v) for v in done.values())

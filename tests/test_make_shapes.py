@@ -120,8 +120,8 @@ def test_parameters_vary_and_objects_fit_the_box():
     assert {"small", "large"} <= sizes
 
 
-def test_deterministic_per_seed_and_resumable(tmp_path, shapes_root):
-    other = make_tiny_dataset(tmp_path / "again", num=3)
+def test_deterministic_per_seed_across_workers_and_resumable(tmp_path, shapes_root):
+    other = make_tiny_dataset(tmp_path / "again", num=3, extra=["--workers", "2"])
     for rel in ("sphere/000000", "box/000001", "cylinder/000002"):
         for f in ("raw_img.png", "depth_alpha.jpg", "c.npy", "points.npz", "pointcloud.npz"):
             assert filecmp.cmp(other / rel / f, shapes_root / rel / f, shallow=False), (rel, f)

@@ -6,7 +6,7 @@ import torch
 
 from datasets.errors import DatasetError
 from datasets.gbuffer import (CONDITION_FILES, TOKEN_FILES, GBufferDataset, decode_depth, encode_depth_alpha,
-                              encoder_input, read_gbuffer_object)
+                              encoder_input)
 from datasets.occupancy import OccupancyDataset, read_points, write_points
 from utils.cameras import plucker_rays
 
@@ -44,7 +44,7 @@ def test_gbuffer_views_sample(shapes_root):
 
 
 def test_gbuffer_splits_follow_dataset_json(tmp_path, shapes_root):
-    index = {"a": [f"sphere/000000", "box/000001", "cylinder/000002"], "b": ["cone/000003", "torus/000004"]}
+    index = {"a": ["sphere/000000", "box/000001", "cylinder/000002"], "b": ["cone/000003", "torus/000004"]}
     root = tmp_path / "d"
     import shutil
     shutil.copytree(shapes_root, root)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 FORMAT = "sar3d-repro/1"
@@ -41,7 +40,6 @@ def load_model(path, kind: str | None = None):
         raise CheckpointError(f"no checkpoint at {file}: train one or put model.safetensors there")
     try:
         state = load_file(str(file))
-        from safetensors import safe_open
         with safe_open(str(file), "pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
