@@ -71,22 +71,31 @@ def write_object(root, category: str, obj_id: str, obj, cfg: BuildConfig, seed: 
     tmp = final.with_name(final.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write_files(tmp, rel, obj, cfg, seed)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return rel
+
+
+def _write_files(d: Path, rel: str, obj, cfg: BuildConfig, seed: int):
     render, occ = cfg.render, cfg.occupancy
-    cams = camera_rig(render, cfg.views)
-    views = render_views(obj.mesh(), cams, render.res, render.ssaa, render.backend, render.device)
-    write_gbuffer_object(tmp, views["rgb"], views["alpha"], views["depth"], views["normal"], cams,
-                         obj.caption, rel, render.jpeg_quality)
+    # Occupancy first: it is cheap and may reject the object (a mesh with no interior).
     rng = np.random.default_rng([seed, 7])
     half = (1.0 + occ.padding) / 2
     dtype = np.float16 if occ.float16 else np.float32
     q_yup = rng.uniform(-half, half, (occ.num_points, 3))
     q_yup = q_yup.astype(dtype).astype(np.float64)          # label what is stored, not what was drawn
-    write_points(tmp / "points.npz", q_yup, obj.inside(q_yup @ ZUP_TO_YUP), dtype=dtype)
+    write_points(d / "points.npz", q_yup, obj.inside(q_yup @ ZUP_TO_YUP), dtype=dtype)
     surf, normals = obj.surface_samples(occ.num_surface, rng)
-    write_pointcloud(tmp / "pointcloud.npz", surf @ ZUP_TO_YUP.T, normals @ ZUP_TO_YUP.T, dtype=dtype)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return rel
+    write_pointcloud(d / "pointcloud.npz", surf @ ZUP_TO_YUP.T, normals @ ZUP_TO_YUP.T, dtype=dtype)
+    cams = camera_rig(render, cfg.views)
+    views = render_views(obj.mesh(), cams, render.res, render.ssaa, render.backend, render.device)
+    write_gbuffer_object(d, views["rgb"], views["alpha"], views["depth"], views["normal"], cams,
+                         obj.caption, rel, render.jpeg_quality)
 
 
 def write_indices(root, objects_by_category: dict, holdout_fraction: float):

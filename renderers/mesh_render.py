@@ -58,8 +58,10 @@ def _shade_colors(mesh: ColoredMesh, tensors, tri, bary):
     for k, tex in enumerate(tensors["textures"]):
         sel = tex_id == k
         if sel.any():
-            # uv origin at the bottom-left of the image (glTF after trimesh's flip, OBJ).
-            grid = torch.stack([uv[sel, 0] * 2 - 1, 1 - uv[sel, 1] * 2], -1).view(1, -1, 1, 2)
+            # uv origin at the bottom-left of the image (glTF after trimesh's flip, OBJ); the
+            # texture repeats outside [0, 1], as glTF's default sampler and OBJ tiling do.
+            tiled = uv[sel] - uv[sel].floor()
+            grid = torch.stack([tiled[:, 0] * 2 - 1, 1 - tiled[:, 1] * 2], -1).view(1, -1, 1, 2)
             texel = F.grid_sample(tex.permute(2, 0, 1)[None], grid.float(), mode="bilinear",
                                   padding_mode="border", align_corners=False)[0, :, :, 0].T
             colors[sel] = colors[sel] * texel
