@@ -227,13 +227,12 @@ def load_index(root) -> dict:
     return index
 
 
-def encoder_input(rgb_V3HW: torch.Tensor, c_V25: torch.Tensor, depth_VHW: torch.Tensor) -> torch.Tensor:
+def encoder_input(rgb_V3HW: torch.Tensor, plucker_V6HW: torch.Tensor, depth_VHW: torch.Tensor) -> torch.Tensor:
     """The official 10-channel encoder input: ImageNet-normalised RGB (from [0, 1]), Plucker
-    rays, raw depth. Returns (V, 10, H, W)."""
-    V, _, H, W = rgb_V3HW.shape
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return torch.cat([(rgb_V3HW - mean) / std, plucker_rays(c_V25, H, W), depth_VHW[:, None]], 1)
+    rays, raw depth. Works batched too ((..., V, C, H, W)). Returns (..., V, 10, H, W)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=rgb_V3HW.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=rgb_V3HW.device).view(3, 1, 1)
+    return torch.cat([(rgb_V3HW - mean) / std, plucker_V6HW, depth_VHW.unsqueeze(-3)], -3)
 
 
 class GBufferDataset(torch.utils.data.Dataset):
@@ -246,7 +245,7 @@ class GBufferDataset(torch.utils.data.Dataset):
     returned as None (use datasets.errors.collate_skipping); otherwise DatasetError is raised.
 
     A views sample: rgb (12, 3, H, W) in [0, 1], depth (12, H, W), alpha (12, H, W), c (12, 25),
-    bbox (12, 4); with `resolution` set, also target_rgb/target_depth/target_alpha resized
+    plucker (12, 6, H, W) rays of c through the pixel centres, bbox (12, 4); with `resolution` set, also target_rgb/target_depth/target_alpha resized
     bilinearly to it as the official loader does for supervision.
     """
 
@@ -293,9 +292,10 @@ class GBufferDataset(torch.utils.data.Dataset):
         if self.mode in ("views", "both"):
             obj = read_gbuffer_object(d)
             rgb = torch.from_numpy(obj["rgb"]).permute(0, 3, 1, 2).float() / 255.0
+            c = torch.from_numpy(obj["c"])
             out.update(rgb=rgb, depth=torch.from_numpy(obj["depth"]), alpha=torch.from_numpy(obj["alpha"]),
-                       c=torch.from_numpy(obj["c"]), bbox=torch.from_numpy(obj["bbox"].astype(np.int64)),
-                       caption=obj["caption"], ins=obj["ins"])
+                       c=c, plucker=plucker_rays(c, *rgb.shape[-2:]),
+                       bbox=torch.from_numpy(obj["bbox"].astype(np.int64)), caption=obj["caption"], ins=obj["ins"])
             if self.resolution is not None:
                 size = (self.resolution, self.resolution)
                 up = lambda x: F.interpolate(x, size=size, mode="bilinear", align_corners=False)

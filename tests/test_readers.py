@@ -36,9 +36,12 @@ def test_gbuffer_views_sample(shapes_root):
     assert s["rgb"].shape == (12, 3, 32, 32) and 0 <= s["rgb"].min() and s["rgb"].max() <= 1
     assert s["depth"].shape == s["alpha"].shape == (12, 32, 32) and s["c"].shape == (12, 25)
     assert s["target_rgb"].shape == (12, 3, 16, 16) and s["target_depth"].shape == (12, 16, 16)
-    x = encoder_input(s["rgb"][:6], s["c"][:6], s["depth"][:6])
+    assert torch.equal(s["plucker"], plucker_rays(s["c"], 32, 32))
+    x = encoder_input(s["rgb"][:6], s["plucker"][:6], s["depth"][:6])
     assert x.shape == (6, 10, 32, 32)
-    assert torch.allclose(x[:, 3:9], plucker_rays(s["c"][:6], 32, 32)) and torch.equal(x[:, 9], s["depth"][:6])
+    assert torch.equal(x[:, 3:9], s["plucker"][:6]) and torch.equal(x[:, 9], s["depth"][:6])
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
+    assert encoder_input(batch["rgb"], batch["plucker"], batch["depth"]).shape == (2, 12, 10, 32, 32)
     white = (s["alpha"][0] == 0)
     assert torch.allclose(x[0, 0][white], torch.full_like(x[0, 0][white], (1 - 0.485) / 0.229))
 
