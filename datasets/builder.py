@@ -8,6 +8,7 @@ complete, so an interrupted run leaves no half-written object behind.
 """
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,9 @@ from datasets.gbuffer import NUM_VIEWS, write_gbuffer_object, write_index
 from datasets.occupancy import ZUP_TO_YUP, write_pointcloud, write_points, write_split_lists
 from renderers.mesh_render import render_views
 from utils.cameras import normalized_intrinsics, orbit_c2w, pack_cameras
+from utils.config import load_config
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "data" / "build.yaml"
 
 
 @dataclass
@@ -48,6 +52,27 @@ class BuildConfig:
     views: int = NUM_VIEWS
     mc_res: int = 128              # marching-cubes grid of the procedural shapes
     holdout_fraction: float = 0.05 # per category, held out for val/test
+
+
+def add_build_arguments(ap):
+    """The command-line flags that scripts/make_shapes.py and scripts/render_meshes.py share."""
+    ap.add_argument("--res", type=int, help="view resolution (config default 256)")
+    ap.add_argument("--views", type=int, help="views per object (official: 12)")
+    ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. occupancy.num_points=20000")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--overwrite", action="store_true", help="rewrite objects that already exist")
+
+
+def load_build_config(args) -> BuildConfig:
+    """The config file with --set overrides, then --res and --views."""
+    overrides = list(args.set)
+    if args.res is not None:
+        overrides.append(f"render.res={args.res}")
+    if args.views is not None:
+        overrides.append(f"views={args.views}")
+    return load_config(BuildConfig, args.config, overrides)
 
 
 def camera_rig(cfg: RenderConfig, views: int = NUM_VIEWS) -> np.ndarray:

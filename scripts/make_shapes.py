@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.builder import BuildConfig, write_indices, write_object  # noqa: E402
+from datasets.builder import add_build_arguments, load_build_config, write_indices, write_object  # noqa: E402
 from datasets.shapes import LABELS, sample_shape  # noqa: E402
 from utils.cli import run  # noqa: E402
-from utils.config import load_config, to_dict  # noqa: E402
+from utils.config import to_dict  # noqa: E402
 from utils.parallel import parallel_map  # noqa: E402
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "data" / "build.yaml"
-
 
 def _make_one(job):
     out, index, seed, cfg = job
@@ -41,20 +37,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path, help="dataset root to write")
     ap.add_argument("--num", required=True, type=int, help="number of objects")
-    ap.add_argument("--res", type=int, help="view resolution (config default 256)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--views", type=int, help="views per object (official: 12)")
-    ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. occupancy.num_points=20000")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--overwrite", action="store_true", help="rewrite objects that already exist")
+    add_build_arguments(ap)
     args = ap.parse_args(argv)
-    overrides = list(args.set)
-    if args.res is not None:
-        overrides.append(f"render.res={args.res}")
-    if args.views is not None:
-        overrides.append(f"views={args.views}")
-    cfg = load_config(BuildConfig, args.config, overrides)
+    cfg = load_build_config(args)
     if args.num < 1:
         raise ValueError("--num must be at least 1")
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 import zlib
@@ -27,16 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tqdm import tqdm  # noqa: E402
 
-from datasets.builder import BuildConfig, write_indices, write_object  # noqa: E402
+from datasets.builder import add_build_arguments, load_build_config, write_indices, write_object  # noqa: E402
 from datasets.errors import DatasetError, short_message  # noqa: E402
 from datasets.meshes import (MESH_SUFFIXES, MeshObject, assign_names, caption_for, find_meshes,  # noqa: E402
                              read_captions, read_mesh)
 from utils.cli import run  # noqa: E402
-from utils.config import load_config, to_dict  # noqa: E402
+from utils.config import to_dict  # noqa: E402
 from utils.parallel import parallel_map  # noqa: E402
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "data" / "build.yaml"
-
 
 def _render_one(job):
     """-> (status "written" or "skipped", mesh path, category, obj_id, note or reason)."""
@@ -58,20 +54,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--meshes", required=True, type=Path, help="folder of mesh files")
     ap.add_argument("--out", required=True, type=Path, help="dataset root to write")
-    ap.add_argument("--res", type=int, help="view resolution (config default 256)")
-    ap.add_argument("--views", type=int, help="views per object (official: 12)")
-    ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. occupancy.num_points=20000")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--up", choices=("y", "z"), default="y", help="the files' up axis (glTF and most OBJ: y)")
-    ap.add_argument("--overwrite", action="store_true", help="rewrite objects that already exist")
+    add_build_arguments(ap)
     args = ap.parse_args(argv)
-    overrides = list(args.set)
-    if args.res is not None:
-        overrides.append(f"render.res={args.res}")
-    if args.views is not None:
-        overrides.append(f"views={args.views}")
-    cfg = load_config(BuildConfig, args.config, overrides)
+    cfg = load_build_config(args)
     if not args.meshes.is_dir():
         raise NotADirectoryError(f"--meshes {args.meshes} is not a directory")
     files = find_meshes(args.meshes)
