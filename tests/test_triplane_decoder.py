@@ -1,6 +1,5 @@
 """The VQVAE decoder (models/triplane_decoder.py): parity with the official, the token
 interleave, a tiny config end to end, and the paper's parameter counts."""
-import pytest
 import torch
 
 from models.triplane_decoder import TriplaneDecoder, TriplaneDecoderConfig, official_to_ours, sincos_pos_embed_2d
