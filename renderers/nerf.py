@@ -38,7 +38,7 @@ class NeRFConfig:
         return cls(**{"n_coarse": 64, "n_importance": 64, "resolution": 256, **kw})
 
 
-class TriplaneDecoder(nn.Module):
+class PointDecoder(nn.Module):
     """Official `LRMOSGDecoder`: concatenated plane features (..., 3*C) -> MLP -> sigma, rgb."""
 
     def __init__(self, feat_dim: int = 32, hidden_dim: int = 64):
@@ -162,7 +162,7 @@ class NeRFRenderer(nn.Module):
     def __init__(self, cfg: NeRFConfig | None = None):
         super().__init__()
         self.cfg = cfg or NeRFConfig()
-        self.decoder = TriplaneDecoder(self.cfg.feat_dim, self.cfg.hidden_dim)
+        self.decoder = PointDecoder(self.cfg.feat_dim, self.cfg.hidden_dim)
 
     def query(self, planes_B3CHW, pts_BN3):
         """Density and colour at points (B, N, 3): sigma (B, N, 1), rgb (B, N, 3). Points outside the
