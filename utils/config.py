@@ -42,6 +42,8 @@ def _check(tp, value, where: str):
         return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
+    if tp in (list, tuple):                      # bare annotation: items unchecked
+        origin = tp
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
