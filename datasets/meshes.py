@@ -20,7 +20,7 @@ from trimesh.visual.material import PBRMaterial, SimpleMaterial
 
 from datasets.errors import DatasetError, short_message
 from datasets.occupancy import ZUP_TO_YUP
-from renderers.mesh_render import ColoredMesh
+from renderers.mesh_render import ColoredMesh, sample_surface
 
 MESH_SUFFIXES = (".obj", ".ply", ".stl", ".glb", ".gltf")
 GRAY = 0.7
@@ -170,14 +170,7 @@ class MeshObject:
 
     def surface_samples(self, n: int, rng) -> tuple:
         """n points (n, 3) drawn uniformly over the surface area, and their face unit normals (n, 3)."""
-        v = self.V[self.F]
-        cross = np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0])
-        area = np.linalg.norm(cross, axis=1)
-        tri = rng.choice(len(area), n, p=area / area.sum())
-        s1, r2 = np.sqrt(rng.random(n)), rng.random(n)
-        pts = ((1 - s1)[:, None] * v[tri, 0] + (s1 * (1 - r2))[:, None] * v[tri, 1]
-               + (s1 * r2)[:, None] * v[tri, 2])
-        return pts, cross[tri] / area[tri, None]
+        return sample_surface(self.V, self.F, n, rng)
 
 
 # ----------------------------------------------------------------------------- mesh folders

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import mcubes
 import numpy as np
 
-from renderers.mesh_render import ColoredMesh
+from renderers.mesh_render import ColoredMesh, sample_surface
 
 FAMILIES = ("sphere", "box", "cylinder", "cone", "torus", "capsule", "pyramid", "octahedron")
 COMPOSITIONS = ("stack", "pair")           # "A on top of B", "A next to B"
@@ -170,12 +170,7 @@ class ProceduralShape:
     def surface_samples(self, n: int, rng) -> tuple:
         """n points on the surface (marching-cubes samples projected onto the zero set) and
         their outward unit normals, world units."""
-        v = self._world_verts()[self.faces]
-        area = np.linalg.norm(np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0]), axis=-1)
-        tri = rng.choice(len(area), n, p=area / area.sum())
-        r1, r2 = rng.random(n), rng.random(n)
-        s1 = np.sqrt(r1)
-        pts = (1 - s1)[:, None] * v[tri, 0] + (s1 * (1 - r2))[:, None] * v[tri, 1] + (s1 * r2)[:, None] * v[tri, 2]
+        pts, _ = sample_surface(self._world_verts(), self.faces, n, rng)
         for _ in range(3):                                       # Newton steps onto sdf = 0
             pts = pts - self.sdf(pts)[:, None] * self.gradient(pts)
         return pts, self.gradient(pts)

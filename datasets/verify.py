@@ -12,7 +12,6 @@ and the shapes they expect. Every problem is one line, `<path>: <what is wrong>`
 from __future__ import annotations
 
 import functools
-import multiprocessing as mp
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -20,6 +19,7 @@ from datasets.errors import DatasetError
 from datasets.gbuffer import (CONDITION_FILES, TOKEN_FILES, load_index, read_gbuffer_object, read_image,
                               read_npy, read_precomputed, read_text)
 from datasets.occupancy import SPLITS, list_categories, read_pointcloud, read_points, read_split
+from utils.parallel import parallel_map
 
 LAYOUTS = ("gbuffer", "occupancy")
 
@@ -179,14 +179,10 @@ def find_objects(root, layouts) -> tuple[list[str], list[Target]]:
 
 def check_objects(targets, tokens: bool = False, condition: str | None = None,
                   workers: int = 1) -> Iterator[list[str]]:
-    """The problem lines of each target, in order; workers > 1 reads in that many processes."""
+    """The problem lines of each target, in order, with a progress bar; workers > 1 reads in
+    that many processes."""
     job = functools.partial(check_object, tokens=tokens, condition=condition)
-    if workers <= 1:
-        yield from map(job, targets)
-        return
-    # spawn, as scripts/make_shapes.py: forking a process that holds torch's thread pools can hang
-    with mp.get_context("spawn").Pool(workers) as pool:
-        yield from pool.imap(job, targets, chunksize=8)
+    yield from parallel_map(job, list(targets), workers, "verify", ordered=True)
 
 
 def check_dataset(root, layout: str = "auto", tokens: bool = False, condition: str | None = None,

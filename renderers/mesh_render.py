@@ -45,6 +45,17 @@ class ColoredMesh:
         return n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
 
 
+def sample_surface(verts_N3: np.ndarray, faces_F3: np.ndarray, n: int, rng) -> tuple:
+    """n points uniform over the surface area -> (points (n, 3), unit face normals (n, 3))."""
+    v = verts_N3[faces_F3]
+    cross = np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0])
+    area = np.linalg.norm(cross, axis=1)
+    tri = rng.choice(len(area), n, p=area / area.sum())
+    s1, r2 = np.sqrt(rng.random(n)), rng.random(n)
+    pts = (1 - s1)[:, None] * v[tri, 0] + (s1 * (1 - r2))[:, None] * v[tri, 1] + (s1 * r2)[:, None] * v[tri, 2]
+    return pts, cross[tri] / area[tri, None]
+
+
 def _interp(attr_N_C: torch.Tensor, faces: torch.Tensor, tri: torch.Tensor, bary: torch.Tensor):
     return (attr_N_C[faces[tri]] * bary[..., None]).sum(-2)
 

@@ -41,13 +41,10 @@ def main(argv=None):
     problems, targets = find_objects(args.dir, layouts)
     for line in problems:
         print(line)
-    bar = tqdm(total=len(targets), desc="verify", unit="obj", file=sys.stderr)
     for lines in check_objects(targets, args.tokens, args.condition, args.workers):
         for line in lines:
-            bar.write(line, file=sys.stdout)  # above the bar, which stays at the bottom of stderr
+            tqdm.write(line, file=sys.stdout)  # above the progress bar, which stays on stderr
         problems += lines
-        bar.update()
-    bar.close()
     print(f"{len(targets)} objects checked ({', '.join(layouts) or 'no layout found'}): "
           f"{len(problems)} problem{'' if len(problems) == 1 else 's'} found")
     return 1 if problems else 0
