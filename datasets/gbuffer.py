@@ -235,6 +235,34 @@ def encoder_input(rgb_V3HW: torch.Tensor, plucker_V6HW: torch.Tensor, depth_VHW:
     return torch.cat([(rgb_V3HW - mean) / std, plucker_V6HW, depth_VHW.unsqueeze(-3)], -3)
 
 
+def input_view_sets(num_views: int, total: int = NUM_VIEWS) -> list[list[int]]:
+    """The two encoder inputs of an object, as the official loader makes them: views 0-5 and views
+    6-11 (each half circles the object once). With fewer than 6 encoder views, each half is
+    thinned evenly (2 views: [0, 3] and [6, 9]). Both sets are supervised on all views."""
+    half = total // 2
+    if not 1 <= num_views <= half:
+        raise ValueError(f"num_views must be between 1 and {half}, got {num_views}")
+    return [[h * half + (i * half) // num_views for i in range(num_views)] for h in (0, 1)]
+
+
+def encoder_views(rgb_BV3HW: torch.Tensor, depth_BVHW: torch.Tensor, c_BV25: torch.Tensor, view_ids,
+                  size: int) -> torch.Tensor:
+    """The encoder input of a batch of objects from the chosen views, at the encoder's size.
+
+    rgb in [0, 1], depth as decoded (0 = background), cameras as c.npy rows. Views stored at
+    another resolution are resized (RGB area-averaged, depth nearest so that no depth between
+    object and background is invented) and their Plucker rays recomputed at `size`.
+    Returns (B·V, 10, size, size), the views of an object adjacent.
+    """
+    rgb, depth, c = rgb_BV3HW[:, view_ids], depth_BVHW[:, view_ids], c_BV25[:, view_ids]
+    B, V = rgb.shape[:2]
+    rgb, depth, c = rgb.flatten(0, 1).float(), depth.flatten(0, 1).float(), c.flatten(0, 1).float()
+    if rgb.shape[-1] != size or rgb.shape[-2] != size:
+        rgb = F.interpolate(rgb, size=(size, size), mode="area")
+        depth = F.interpolate(depth[:, None], size=(size, size), mode="nearest-exact")[:, 0]
+    return encoder_input(rgb, plucker_rays(c.cpu(), size, size).to(rgb), depth)
+
+
 class GBufferDataset(torch.utils.data.Dataset):
     """Objects of a G-buffer dataset, for the VQVAE (views) or the AR model (tokens).
 

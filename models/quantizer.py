@@ -65,7 +65,7 @@ class TriplaneQuantizer(nn.Module):
             nn.Conv2d(c_vae, c_vae, 3, padding=1) for _ in range(num_phi))})
         # Usage statistics only (the codebook is learnt by gradient, not by EMA).
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(self.patch_nums), vocab_size))
-        self._hit_updates = 0           # per-forward counter for the EMA warm-up (not saved)
+        self.hit_updates = 0            # forwards seen, for the EMA warm-up; not in the state dict (trainers save it)
         with torch.no_grad():           # official init: U(±1/V), then unit rows
             self.embedding.weight.uniform_(-1 / vocab_size, 1 / vocab_size)
             self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=-1))
@@ -110,7 +110,7 @@ class TriplaneQuantizer(nn.Module):
         hit_V = idx_Bl.flatten().bincount(minlength=self.vocab_size).float()
         if tdist.is_available() and tdist.is_initialized():
             tdist.all_reduce(hit_V)
-        decay = 0.0 if self._hit_updates == 0 else 0.9 if self._hit_updates < 100 else 0.99
+        decay = 0.0 if self.hit_updates == 0 else 0.9 if self.hit_updates < 100 else 0.99
         self.ema_vocab_hit_SV[si].mul_(decay).add_(hit_V.mul(1 - decay))
 
     # ---- one method per use -----------------------------------------------------------------
@@ -141,7 +141,7 @@ class TriplaneQuantizer(nn.Module):
             loss = loss * (1.0 / S)
             f_hat = (f_hat.detach() - f_no_grad).add_(f_BChw)
         if self.training:
-            self._hit_updates += 1
+            self.hit_updates += 1
         margin_S = torch.tensor([B * pn * pn / self.vocab_size * 0.01 for pn in self.patch_nums],
                                 device=f_BChw.device)
         usage_S = (self.ema_vocab_hit_SV > margin_S[:, None]).float().mean(dim=1) * 100

@@ -85,3 +85,19 @@ def unproject_depth(depth_HW: np.ndarray, c_25: np.ndarray) -> np.ndarray:
     ys, xs = np.meshgrid(np.arange(H) + 0.5, np.arange(W) + 0.5, indexing="ij")
     p_cam = np.stack([(xs / W - cx[0]) / fx[0] * depth_HW, (ys / H - cy[0]) / fy[0] * depth_HW, depth_HW], -1)
     return p_cam @ c2w[0, :3, :3].T + c2w[0, :3, 3]
+
+
+def crop_cameras(c_V25: torch.Tensor, x0: torch.Tensor, y0: torch.Tensor, size: int, res: int) -> torch.Tensor:
+    """Cameras that see exactly the size x size pixel window at (x0, y0) of a res x res image.
+
+    Rendering the returned cameras at `size` gives the same rays as pixels [y0, y0+size) x
+    [x0, x0+size) of the full render at `res` (zero skew, as all our cameras have), so patch
+    training needs no special path in the renderers. x0, y0: (V,) pixel offsets.
+    """
+    out = c_V25.clone()
+    zoom = res / size
+    out[:, 16] = c_V25[:, 16] * zoom                                    # fx
+    out[:, 20] = c_V25[:, 20] * zoom                                    # fy
+    out[:, 18] = (c_V25[:, 18] - x0.to(c_V25) / res) * zoom            # cx
+    out[:, 21] = (c_V25[:, 21] - y0.to(c_V25) / res) * zoom            # cy
+    return out

@@ -1,0 +1,424 @@
+#!/usr/bin/env python
+"""Train the multi-scale triplane VQVAE (stage 1) on a G-buffer dataset.
+
+    # one process (CPU or one GPU)
+    python train_vqvae.py --config configs/vqvae/small.yaml --data-dir data/shapes --out-dir runs/vqvae_small
+    # several processes on one node (gloo on CPU, NCCL on GPUs); the original's script does this
+    torchrun --standalone --nproc_per_node 4 train_vqvae.py --config configs/vqvae/paper.yaml ...
+    bash train_vqvae.sh DATA_DIR NUM_GPUS BATCH_SIZE OUT_DIR
+
+The config is a model config (configs/vqvae/*.yaml) with an optional `train:` section (TrainConfig
+below: the official recipe of spec §2.7 and §4 by default). Every step encodes each object twice,
+from each of its two view sets (datasets.gbuffer.input_view_sets), and supervises the renders of
+its views: L1 on RGB, opacity L1 against the mask, scale-and-shift-invariant depth, the VQ loss,
+and a PatchGAN hinge term. `--out-dir` always holds the latest raw weights (model.safetensors +
+config.json, what every other tool reads), the EMA weights in ema/, and train_state/ for an exact
+`--resume` (model, EMA, discriminator, optimizers, step, RNG; the data order and all random
+choices are functions of (seed, step, sample), so resuming, or changing the number of processes,
+continues the same run). TensorBoard logs go to OUT/tb, the losses of every step to OUT/train_log.jsonl and the
+held-out PSNR curve to OUT/metrics.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from datasets.gbuffer import GBufferDataset, encoder_views, input_view_sets  # noqa: E402
+from losses.depth import scale_shift_invariant_loss  # noqa: E402
+from losses.gan import PatchDiscriminator, hinge_d_loss, hinge_g_loss  # noqa: E402
+from models.vqvae import TriplaneVQVAE, VQVAEConfig  # noqa: E402
+from trainers import distributed  # noqa: E402
+from trainers.sampler import StepBatches, seeded_generator  # noqa: E402
+from trainers.state import EMA, load_train_state, save_train_state  # noqa: E402
+from utils.cameras import crop_cameras  # noqa: E402
+from utils.checkpoint import save_model  # noqa: E402
+from utils.cli import run  # noqa: E402
+from utils.config import from_dict, load_config, to_dict  # noqa: E402
+from utils.metrics import psnr  # noqa: E402
+
+log = logging.getLogger("train_vqvae")
+
+
+@dataclass
+class TrainConfig:
+    """Defaults: the official recipe where it applies (spec §2.7, §4)."""
+    batch_size: int = 8              # objects per optimizer step over all processes (each gives 2 samples)
+    grad_accum: int = 1              # micro-batches per step and process
+    max_steps: int = 100_000
+    seed: int = 0
+    holdout: int = 5                 # last objects of each category kept out of training, for evaluation
+    # optimiser groups (lr, weight decay), constant learning rate
+    lr_encoder: float = 1e-4
+    wd_encoder: float = 0.001
+    lr_dit: float = 8e-5
+    wd_dit: float = 0.001
+    lr_rest: float = 1e-4            # quantizer, convs around it, conv upsampler, point decoder
+    wd_rest: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    # supervision
+    render_resolution: int = 64      # targets are resized to this; renders cover all of it or a patch
+    patch_size: int | None = None    # official: 130 of 256; None renders the whole image
+    patch_in_bbox: float = 0.875     # share of patches centred inside the foreground box
+    views_per_sample: int = 12       # target views rendered per sample (random subset when < 12)
+    l1_weight: float = 1.0
+    depth_weight: float = 0.5
+    depth_max: float = 0.2           # the depth term is dropped for a sample when it exceeds this
+    alpha_weight: float = 1.0
+    vq_weight: float = 1.0
+    # adversarial term
+    gan_g_weight: float = 0.025 * 0.025
+    gan_d_weight: float = 0.025
+    gan_start: int = 0
+    disc_lr: float = 8e-5
+    disc_betas: tuple[float, float] = (0.0, 0.999)
+    disc_layers: int = 3
+    disc_channels: int = 64
+    disc_norm: str = "group"         # see losses.gan.PatchDiscriminator
+    # bookkeeping
+    ema_decay: float = 0.9999
+    amp: str = "auto"                # auto: bf16 autocast on CUDA, float32 on CPU; or none / bf16
+    num_workers: int = 2
+    log_every: int = 10
+    eval_every: int = 500
+    eval_objects: int = 8
+    save_every: int = 500
+
+
+@dataclass
+class VQVAERunConfig(VQVAEConfig):
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def model_config(cfg: VQVAERunConfig) -> dict:
+    """The model part of a run config: what config.json and the checkpoint metadata hold."""
+    return {k: v for k, v in to_dict(cfg).items() if k != "train"}
+
+
+def encoder_size(cfg: VQVAEConfig) -> int:
+    return cfg.decoder.latent_size * 2 ** (len(cfg.encoder.ch_mult) - 1)
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """Takes the (global sample position, dataset index) pairs of StepBatches."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, item):
+        pos, i = item
+        return {**self.ds[i], "pos": pos}
+
+
+def collate(samples: list) -> dict:
+    keys = ("rgb", "depth", "c", "target_rgb", "target_depth", "target_alpha")
+    return {**{k: torch.stack([s[k] for s in samples]) for k in keys},
+            "pos": torch.tensor([s["pos"] for s in samples])}
+
+
+# ----------------------------------------------------------------------------- one step
+
+def choose_views(cfg: TrainConfig, g: torch.Generator, alpha_VHW: torch.Tensor, c_V25: torch.Tensor):
+    """The target views of one sample and, with patches, the cameras of its patches.
+    Returns (view ids (V,), cameras (V, 25), pixel offsets y0, x0 (V,) or None)."""
+    n = alpha_VHW.shape[0]
+    views = torch.randperm(n, generator=g)[:cfg.views_per_sample].sort().values if cfg.views_per_sample < n \
+        else torch.arange(n)
+    res, p = cfg.render_resolution, cfg.patch_size
+    if p is None or p >= res:
+        return views, c_V25[views], None, None
+    y0, x0 = torch.randint(0, res - p + 1, (2, len(views)), generator=g)
+    in_box = torch.rand(len(views), generator=g) < cfg.patch_in_bbox
+    u = torch.rand(2, len(views), generator=g)
+    for j, v in enumerate(views.tolist()):
+        ys, xs = torch.nonzero(alpha_VHW[v] > 0.5, as_tuple=True)
+        if in_box[j] and len(ys):              # a centre inside the foreground box, patch clamped to the image
+            cy = ys.min() + u[0, j] * (ys.max() - ys.min())
+            cx = xs.min() + u[1, j] * (xs.max() - xs.min())
+            y0[j] = (cy - p // 2).round().clamp(0, res - p).long()
+            x0[j] = (cx - p // 2).round().clamp(0, res - p).long()
+    return views, crop_cameras(c_V25[views], x0, y0, p, res), y0, x0
+
+
+def sample_targets(mb: dict, o: int, views, y0, x0, p: int | None, device):
+    """Ground-truth rgb (V, 3, h, w), opacity and depth (V, h, w) of object o's chosen views,
+    cropped to their patches when there are patches."""
+    def crop(img_VCHW):
+        if y0 is None:
+            return img_VCHW
+        return torch.stack([img_VCHW[j, :, y:y + p, x:x + p] for j, (y, x) in enumerate(zip(y0.tolist(), x0.tolist()))])
+    return (crop(mb["target_rgb"][o][views]).to(device), crop(mb["target_alpha"][o][views][:, None])[:, 0].to(device),
+            crop(mb["target_depth"][o][views][:, None])[:, 0].to(device))
+
+
+class ReconstructionStep(nn.Module):
+    """VQVAE forward plus the renders of each sample's target views: the module DDP wraps, so
+    that every parameter (the renderer's too) is used inside one forward."""
+
+    def __init__(self, vqvae: TriplaneVQVAE):
+        super().__init__()
+        self.vqvae = vqvae
+
+    def forward(self, x_NChw: torch.Tensor, cams: list, generators: list):
+        triplane, vq_loss, usage = self.vqvae(x_NChw)
+        renders = [self.vqvae.render(triplane[j:j + 1], c, resolution=res, generator=g)
+                   for j, ((c, res), g) in enumerate(zip(cams, generators))]
+        return renders, vq_loss, usage
+
+
+def reconstruction_losses(cfg: TrainConfig, renders: list, targets: list) -> tuple[torch.Tensor, dict, torch.Tensor,
+                                                                                   torch.Tensor]:
+    """Mean over samples of the weighted RGB / opacity / depth terms. Returns (loss, logs, fake
+    and real RGB patches in [-1, 1] for the discriminator)."""
+    total, logs, fakes, reals = 0.0, {"l1": 0.0, "alpha": 0.0, "depth": 0.0}, [], []
+    for r, (rgb, alpha, depth) in zip(renders, targets):
+        gt = rgb * 2 - 1
+        l1 = (r["image_raw"] - gt).abs().mean()
+        l_alpha = (r["weights_samples"][:, 0] - alpha).abs().mean()
+        l_depth = scale_shift_invariant_loss(r["image_depth"][:, 0].float(), depth, alpha > 0.5)
+        if l_depth.item() > cfg.depth_max:   # a sample the depth term cannot fit yet; skip as the official
+            l_depth = l_depth * 0.0
+        total = total + cfg.l1_weight * l1 + cfg.alpha_weight * l_alpha + cfg.depth_weight * l_depth
+        for k, v in (("l1", l1), ("alpha", l_alpha), ("depth", l_depth)):
+            logs[k] += v.item() / len(renders)
+        fakes.append(r["image_raw"])
+        reals.append(gt)
+    return total / len(renders), logs, torch.cat(fakes), torch.cat(reals)
+
+
+def param_groups(model: TriplaneVQVAE, t: TrainConfig) -> list:
+    groups = {"encoder": (t.lr_encoder, t.wd_encoder), "dit": (t.lr_dit, t.wd_dit), "rest": (t.lr_rest, t.wd_rest)}
+    params = {k: [] for k in groups}
+    for name, p in model.named_parameters():
+        key = "encoder" if name.startswith("encoder.") else "dit" if name.startswith("decoder.vit_decoder.") else "rest"
+        params[key].append(p)
+    return [{"params": params[k], "lr": lr, "weight_decay": wd, "name": k} for k, (lr, wd) in groups.items()]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model: TriplaneVQVAE, ds: GBufferDataset, cfg: VQVAERunConfig, device) -> tuple[float, torch.Tensor]:
+    """Mean PSNR of all 12 deterministic renders of the first `eval_objects` held-out objects,
+    encoded from their first view set, and a grid (3, H, W): GT rows over reconstruction rows."""
+    was_training = model.training
+    model.eval()
+    values, rows = [], []
+    view_ids = input_view_sets(cfg.encoder.num_views)[0]
+    for i in range(min(cfg.train.eval_objects, len(ds))):
+        s = ds[i]
+        x = encoder_views(s["rgb"][None], s["depth"][None], s["c"][None], view_ids, encoder_size(cfg)).to(device)
+        triplane = model(x)[0]
+        r = model.render(triplane, s["c"].to(device), resolution=cfg.train.render_resolution, deterministic=True)
+        pred = (r["image_raw"].float().clamp(-1, 1) + 1) / 2
+        values.append(psnr(pred.cpu(), s["target_rgb"]).mean().item())
+        if i < 4:
+            rows += [torch.cat(list(s["target_rgb"][:6]), -1), torch.cat(list(pred.cpu()[:6]), -1)]
+    model.train(was_training)
+    return sum(values) / len(values), torch.cat(rows, -2)
+
+
+# ----------------------------------------------------------------------------- main loop
+
+def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool) -> dict:
+    t = cfg.train
+    d = distributed.setup()
+    torch.manual_seed(t.seed)
+    device = d.device
+    amp = (t.amp == "bf16") or (t.amp == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else nullcontext
+
+    train_ds = GBufferDataset(data_dir, split="train", holdout=t.holdout, resolution=t.render_resolution)
+    val_ds = GBufferDataset(data_dir, split="val", holdout=t.holdout, resolution=t.render_resolution) \
+        if d.is_main and t.eval_objects > 0 and t.holdout > 0 else None
+    objects_per_rank = t.batch_size // d.world_size if t.batch_size % d.world_size == 0 else 0
+    if objects_per_rank % t.grad_accum:
+        raise ValueError(f"train.batch_size {t.batch_size} must split evenly into {d.world_size} process(es) "
+                         f"x {t.grad_accum} micro-batch(es)")
+
+    model = TriplaneVQVAE(cfg).to(device)
+    disc = PatchDiscriminator(ndf=t.disc_channels, n_layers=t.disc_layers, norm=t.disc_norm).to(device)
+    patch = t.render_resolution if t.patch_size is None else min(t.patch_size, t.render_resolution)
+    try:
+        with torch.no_grad():
+            disc(torch.zeros(1, 3, patch, patch, device=device))
+    except RuntimeError:
+        raise ValueError(f"train: {patch}x{patch} renders are too small for a discriminator of {t.disc_layers} layers; "
+                         "raise train.patch_size / render_resolution or lower train.disc_layers") from None
+    ema = EMA(model, t.ema_decay)
+    opt = torch.optim.AdamW(param_groups(model, t), betas=t.betas)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=t.disc_lr, betas=t.disc_betas)
+    step = 0
+    if resume:
+        meta = load_train_state(out_dir, {"model": model, "ema": ema, "disc": disc}, {"model": opt, "disc": opt_d})
+        step, model.quantizer.hit_updates = meta["step"], meta["hit_updates"]
+        log.info("resumed from step %d", step)
+    train_step = ReconstructionStep(model)
+    if d.enabled:
+        train_step = nn.parallel.DistributedDataParallel(train_step, device_ids=[device.index] if device.type == "cuda"
+                                                         else None)
+        disc_ddp = nn.parallel.DistributedDataParallel(disc, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        disc_ddp = disc
+
+    num_steps = max(t.max_steps - step, 0)
+    sampler = StepBatches(len(train_ds), t.batch_size, t.seed, step, d.rank, d.world_size, num_steps)
+    loader = torch.utils.data.DataLoader(IndexedDataset(train_ds), batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=t.num_workers, persistent_workers=False)
+    writer = None
+    if d.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        out_dir.mkdir(parents=True, exist_ok=True)
+        writer = SummaryWriter(str(out_dir / "tb"))
+    view_sets = input_view_sets(cfg.encoder.num_views)
+    size = encoder_size(cfg)
+    history = []
+    bar = tqdm(total=t.max_steps, initial=step, desc="train_vqvae", disable=not d.is_main, dynamic_ncols=True)
+    t0 = time.time()
+    model.train()
+    for batch in loader:
+        logs = {"loss": 0.0, "l1": 0.0, "alpha": 0.0, "depth": 0.0, "vq": 0.0, "g_gan": 0.0, "d_gan": 0.0}
+        n_micro = t.grad_accum
+        per_micro = objects_per_rank // n_micro
+        gan_on = step >= t.gan_start and t.gan_g_weight + t.gan_d_weight > 0
+        fakes_all, reals_all = [], []
+        for m in range(n_micro):
+            sl = slice(m * per_micro, (m + 1) * per_micro)
+            mb = {k: v[sl] for k, v in batch.items()}
+            # each object gives two samples, one per view set; sample position 2·object + set
+            xs, cams, gens, targets = [], [], [], []
+            for h, vs in enumerate(view_sets):
+                xs.append(encoder_views(mb["rgb"], mb["depth"], mb["c"], vs, size).view(len(mb["pos"]), len(vs), -1,
+                                                                                       size, size))
+            x = torch.stack(xs, 1).flatten(0, 2).to(device)      # (objects·2·V, 10, S, S): samples object-major
+            for o in range(len(mb["pos"])):
+                for h in range(len(view_sets)):
+                    g = seeded_generator(t.seed, step, 2 * int(mb["pos"][o]) + h)
+                    views, c, y0, x0 = choose_views(t, g, mb["target_alpha"][o], mb["c"][o])
+                    res = t.render_resolution if y0 is None else t.patch_size
+                    cams.append((c.to(device), res))
+                    gens.append(g)
+                    targets.append(sample_targets(mb, o, views, y0, x0, t.patch_size, device))
+            sync = nullcontext() if (not d.enabled or m == n_micro - 1) else train_step.no_sync()
+            with sync:
+                with autocast():
+                    renders, vq_loss, usage = train_step(x, cams, gens)
+                rec, rec_logs, fake, real = reconstruction_losses(t, renders, targets)
+                loss = rec + t.vq_weight * vq_loss.float()
+                if gan_on and t.gan_g_weight > 0:
+                    disc.requires_grad_(False)
+                    with autocast():
+                        g_gan = hinge_g_loss(disc(fake).float())
+                    disc.requires_grad_(True)
+                    loss = loss + t.gan_g_weight * g_gan
+                    logs["g_gan"] += g_gan.item() / n_micro
+                (loss / n_micro).backward()
+            fakes_all.append(fake.detach())
+            reals_all.append(real)
+            logs["loss"] += loss.item() / n_micro
+            logs["vq"] += vq_loss.item() / n_micro
+            for k, v in rec_logs.items():
+                logs[k] += v / n_micro
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if gan_on and t.gan_d_weight > 0:
+            for fake, real in zip(fakes_all, reals_all):
+                with autocast():
+                    d_loss = hinge_d_loss(disc_ddp(real).float(), disc_ddp(fake).float())
+                (t.gan_d_weight * d_loss / n_micro).backward()
+                logs["d_gan"] += d_loss.item() / n_micro
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+        ema.update(model)
+        step += 1
+        logs = distributed.mean_across(logs, d)
+        if not math.isfinite(logs["loss"]):
+            raise FloatingPointError(f"step {step}: the loss is {logs['loss']} (lower the learning rates, or amp: none)")
+        logs["grad_norm"] = float(grad_norm)
+        history.append({"step": step, **logs})
+        bar.update(1)
+        if d.is_main:
+            with open(out_dir / "train_log.jsonl", "a") as f:
+                f.write(json.dumps(history[-1]) + "\n")
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", l1=f"{logs['l1']:.4f}")
+            if step % t.log_every == 0 or step == t.max_steps:
+                for k, v in logs.items():
+                    writer.add_scalar(f"train/{k}", v, step)
+                for si, u in enumerate(usage.tolist()):
+                    writer.add_scalar(f"codebook_usage/scale{si}", u, step)
+                writer.add_scalar("train/objects_per_s", t.batch_size * len(history) / (time.time() - t0), step)
+            if val_ds is not None and (step % t.eval_every == 0 or step == t.max_steps):
+                value, grid = evaluate(model, val_ds, cfg, device)
+                writer.add_scalar("val/psnr", value, step)
+                writer.add_image("val/gt_over_reconstruction", grid.clamp(0, 1), step)
+                with open(out_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, "val_psnr": value, "train_l1": logs["l1"],
+                                        "minutes": (time.time() - t0) / 60}) + "\n")
+                bar.write(f"step {step}: held-out PSNR {value:.2f} dB")
+        if step % t.save_every == 0 or step == t.max_steps:
+            save(out_dir, cfg, model, ema, disc, opt, opt_d, step, d)
+    bar.close()
+    if writer is not None:
+        writer.close()
+    distributed.teardown()
+    return {"history": history, "step": step}
+
+
+def save(out_dir: Path, cfg, model, ema, disc, opt, opt_d, step: int, d) -> None:
+    if d.is_main:
+        save_model(out_dir, model.state_dict(), model_config(cfg), kind="vqvae")
+        save_model(out_dir / "ema", ema.state_dict(), model_config(cfg), kind="vqvae")
+        save_train_state(out_dir, step, {"model": model.state_dict(), "ema": ema.state_dict(),
+                                         "disc": disc.state_dict()}, {"model": opt, "disc": opt_d},
+                         {"hit_updates": model.quantizer.hit_updates, "config": to_dict(cfg)})
+    distributed.barrier(d)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, type=Path, help="model config with an optional train: section")
+    ap.add_argument("--data-dir", required=True, type=Path, help="G-buffer dataset root (with dataset.json)")
+    ap.add_argument("--out-dir", required=True, type=Path)
+    ap.add_argument("--max-steps", type=int, help="train until this step (overrides train.max_steps)")
+    ap.add_argument("--batch-size", type=int, help="objects per step, all processes (overrides train.batch_size)")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/train_state")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. train.patch_size=32")
+    args = ap.parse_args(argv)
+    overrides = list(args.set)
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    if args.batch_size is not None:
+        overrides.append(f"train.batch_size={args.batch_size}")
+    cfg = load_config(VQVAERunConfig, args.config, overrides)
+    if args.resume:
+        saved = args.out_dir / "train_state" / "state.json"
+        if saved.is_file() and model_config(from_dict(VQVAERunConfig, json.loads(saved.read_text())["config"])) \
+                != model_config(cfg):
+            raise ValueError(f"--resume: the model config differs from the one {args.out_dir} was trained with")
+    elif (args.out_dir / "train_state").exists():
+        raise ValueError(f"{args.out_dir} already holds a run: pass --resume to continue it, or another --out-dir")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    train(cfg, args.data_dir, args.out_dir, args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

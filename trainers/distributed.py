@@ -1,0 +1,66 @@
+"""torchrun / torch.distributed set-up shared by the trainers.
+
+One process: nothing is initialised and every helper is a no-op. Under torchrun (WORLD_SIZE > 1
+in the environment) the process group uses NCCL on CUDA and gloo on the CPU, so the same
+command runs on a laptop:
+
+    torchrun --standalone --nproc_per_node 2 train_vqvae.py ...
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str = "auto") -> Dist:
+    """Read torchrun's environment, pick the device (cuda:LOCAL_RANK when available) and
+    initialise the process group when there is more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(f"cuda:{local}" if device == "cuda" else device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, local, dev)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def mean_across(values: dict, d: Dist) -> dict:
+    """Average a dict of floats over the processes (the global-batch mean of per-process means)."""
+    if not d.enabled:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: v / d.world_size for k, v in zip(keys, t.tolist())}
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
