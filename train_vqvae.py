@@ -108,10 +108,6 @@ def model_config(cfg: VQVAERunConfig) -> dict:
     return {k: v for k, v in to_dict(cfg).items() if k != "train"}
 
 
-def encoder_size(cfg: VQVAEConfig) -> int:
-    return cfg.decoder.latent_size * 2 ** (len(cfg.encoder.ch_mult) - 1)
-
-
 class IndexedDataset(torch.utils.data.Dataset):
     """Takes the (global sample position, dataset index) pairs of StepBatches."""
 
@@ -223,7 +219,7 @@ def evaluate(model: TriplaneVQVAE, ds: GBufferDataset, cfg: VQVAERunConfig, devi
     view_ids = input_view_sets(cfg.encoder.num_views)[0]
     for i in range(min(cfg.train.eval_objects, len(ds))):
         s = ds[i]
-        x = encoder_views(s["rgb"][None], s["depth"][None], s["c"][None], view_ids, encoder_size(cfg)).to(device)
+        x = encoder_views(s["rgb"][None], s["depth"][None], s["c"][None], view_ids, cfg.input_size).to(device)
         triplane = model(x)[0]
         r = model.render(triplane, s["c"].to(device), resolution=cfg.train.render_resolution, deterministic=True)
         pred = (r["image_raw"].float().clamp(-1, 1) + 1) / 2
@@ -287,7 +283,7 @@ def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool) -> d
         out_dir.mkdir(parents=True, exist_ok=True)
         writer = SummaryWriter(str(out_dir / "tb"))
     view_sets = input_view_sets(cfg.encoder.num_views)
-    size = encoder_size(cfg)
+    size = cfg.input_size
     history = []
     bar = tqdm(total=t.max_steps, initial=step, desc="train_vqvae", disable=not d.is_main, dynamic_ncols=True)
     t0 = time.time()

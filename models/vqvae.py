@@ -5,14 +5,17 @@ triplane -> renders.
       --quantizer--> f_hat (B·3, Cvae, h, w) / token ids per scale
       --decoder--> triplane (B, 3·C, R, R) --renderer--> rgb, depth, opacity per camera
 
-`official_key(key)` maps every tensor name of the official checkpoint (vqvae-ckpt.pt) to ours;
-`convert_official(state)` does the whole state dict and names any missing, unexpected or
-mis-shaped tensor.
+The renderer is the NeRF one (vqvae-ckpt.pt) or, with `renderer_kind: flexicubes`, the FlexiCubes
+mesh renderer of the official FlexiCubes VQVAE (vqvae-flexicubes-ckpt.pt), which differs only there.
+
+`official_key(key)` maps every tensor name of an official checkpoint to ours; `convert_official(state)`
+does the whole state dict and names any missing, unexpected or mis-shaped tensor.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -20,6 +23,7 @@ from torch import nn
 from models.encoder import EncoderConfig, MultiViewEncoder, split_planes
 from models.quantizer import TriplaneQuantizer
 from models.triplane_decoder import TriplaneDecoder, TriplaneDecoderConfig, official_to_ours
+from renderers.flexicubes import FlexiCubesConfig, FlexiCubesRenderer
 from renderers.nerf import NeRFConfig, NeRFRenderer
 
 
@@ -36,11 +40,23 @@ class QuantizerConfig:
 
 @dataclass
 class VQVAEConfig:
-    """Defaults are the paper configuration (configs/vqvae/paper.yaml)."""
+    """Defaults are the paper configuration (configs/vqvae/paper.yaml). `renderer_kind` picks the
+    renderer section that is built: `renderer` (NeRF) or `flexicubes`; the other one is unused."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     decoder: TriplaneDecoderConfig = field(default_factory=TriplaneDecoderConfig)
     renderer: NeRFConfig = field(default_factory=NeRFConfig.vqvae_training)
+    renderer_kind: Literal["nerf", "flexicubes"] = "nerf"
+    flexicubes: FlexiCubesConfig = field(default_factory=lambda: FlexiCubesConfig(resolution=256))  # 256^2 as NeRF
+
+    @property
+    def input_size(self) -> int:
+        """Side of the views the encoder takes: the latent side times its downsampling."""
+        return self.decoder.latent_size * 2 ** (len(self.encoder.ch_mult) - 1)
+
+    @property
+    def active_renderer(self) -> NeRFConfig | FlexiCubesConfig:
+        return self.flexicubes if self.renderer_kind == "flexicubes" else self.renderer
 
     def __post_init__(self):
         c, q, d = self.encoder, self.quantizer, self.decoder
@@ -50,9 +66,10 @@ class VQVAEConfig:
         if q.patch_nums[-1] != d.latent_size:
             raise ValueError(f"the last quantizer scale ({q.patch_nums[-1]}) must equal decoder.latent_size "
                              f"({d.latent_size})")
-        if self.renderer.feat_dim != d.triplane_channels:
-            raise ValueError(f"renderer.feat_dim ({self.renderer.feat_dim}) must equal decoder.triplane_channels "
-                             f"({d.triplane_channels})")
+        section = "flexicubes" if self.renderer_kind == "flexicubes" else "renderer"
+        if self.active_renderer.feat_dim != d.triplane_channels:
+            raise ValueError(f"{section}.feat_dim ({self.active_renderer.feat_dim}) must equal "
+                             f"decoder.triplane_channels ({d.triplane_channels})")
 
 
 class TriplaneVQVAE(nn.Module):
@@ -64,7 +81,10 @@ class TriplaneVQVAE(nn.Module):
         self.quant_conv = nn.Conv2d(c, c, 3, padding=1)
         self.quantizer = TriplaneQuantizer(**dataclasses.asdict(cfg.quantizer))
         self.decoder = TriplaneDecoder(cfg.decoder)
-        self.renderer = NeRFRenderer(cfg.renderer)
+        if cfg.renderer_kind == "flexicubes":
+            self.renderer = FlexiCubesRenderer(cfg.flexicubes)
+        else:
+            self.renderer = NeRFRenderer(cfg.renderer)
 
     def encode(self, x_NChw: torch.Tensor) -> torch.Tensor:
         """Views (B·V, 10, H, W) -> pre-quantization planes f (B·3, Cvae, h, w), row 3b+p = plane p."""
@@ -85,7 +105,7 @@ class TriplaneVQVAE(nn.Module):
         return self.decoder(self.quantizer.idx_to_fhat(idx_Bl))
 
     def render(self, triplane: torch.Tensor, c_B25: torch.Tensor, **kw) -> dict:
-        """Volume-render a triplane from cameras (c.npy rows); see renderers/nerf.py."""
+        """Render a triplane from cameras (c.npy rows); see renderers/nerf.py or renderers/flexicubes.py."""
         planes = triplane.reshape(triplane.shape[0], 3, -1, *triplane.shape[-2:])
         return self.renderer(planes, c_B25, **kw)
 
@@ -95,7 +115,9 @@ class TriplaneVQVAE(nn.Module):
 DROPPED = {"decoder.w_avg": "a buffer of zeros the official code never reads"}
 
 
-# (official prefix, our prefix), most specific first; the rest of the name is the same.
+# (official prefix, our prefix), most specific first; the rest of the name is the same. The
+# renderer's point decoder (NeRF `net.*`, FlexiCubes `net_{sdf,rgb,deformation,weight}.*`) keeps
+# the official names under `renderer.`.
 _PREFIXES = (("encoder.", "encoder."),
              ("decoder.superresolution.quant_conv.", "quant_conv."),
              ("decoder.superresolution.quantize.", "quantizer."),

@@ -2,6 +2,8 @@
 """Convert an official SAR3D checkpoint into ours (model.safetensors + config.json).
 
     python scripts/convert_official.py --kind vqvae --src checkpoints/vqvae-ckpt.pt --out checkpoints/vqvae
+    python scripts/convert_official.py --kind vqvae-flexicubes --src checkpoints/vqvae-flexicubes-ckpt.pt \
+        --out checkpoints/vqvae-flexicubes
 
 The file is read with torch.load(weights_only=True): nothing in it is unpickled beyond
 tensors. Every tensor is mapped to our name and checked; the model is then loaded strictly, so
@@ -22,10 +24,11 @@ import torch  # noqa: E402
 from models.vqvae import ConversionError, TriplaneVQVAE, VQVAEConfig, convert_official  # noqa: E402
 from utils.checkpoint import CheckpointError, save_model  # noqa: E402
 from utils.cli import run  # noqa: E402
-from utils.config import load_config, to_dict  # noqa: E402
+from utils.config import ConfigError, load_config, to_dict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = {"vqvae": ROOT / "configs" / "vqvae" / "paper.yaml"}
+KINDS = {"vqvae": ROOT / "configs" / "vqvae" / "paper.yaml",
+         "vqvae-flexicubes": ROOT / "configs" / "vqvae" / "paper_flexicubes.yaml"}
 
 
 def read_official(path: Path) -> dict:
@@ -38,7 +41,8 @@ def read_official(path: Path) -> dict:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, or truncated ({first})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors (the official vqvae-ckpt.pt)")
+        raise CheckpointError(f"{path}: expected a state dict of tensors (the official vqvae-ckpt.pt or "
+                              "vqvae-flexicubes-ckpt.pt)")
     return state
 
 
@@ -50,6 +54,10 @@ def main(argv=None):
     ap.add_argument("--config", type=Path, help="model config (default: the paper configuration)")
     args = ap.parse_args(argv)
     cfg = load_config(VQVAEConfig, args.config or KINDS[args.kind])
+    wanted = "flexicubes" if args.kind == "vqvae-flexicubes" else "nerf"
+    if cfg.renderer_kind != wanted:
+        raise ConfigError(f"--kind {args.kind} needs a config with renderer_kind: {wanted}, "
+                          f"got {cfg.renderer_kind}")
     state = read_official(args.src)
     with torch.device("meta"):                  # shapes only; the tensors come from the file
         model = TriplaneVQVAE(cfg)
@@ -58,7 +66,7 @@ def main(argv=None):
     except ConversionError as e:
         raise CheckpointError(f"{args.src}: {e}") from None
     model.load_state_dict(ours, strict=True, assign=True)
-    path = save_model(args.out, model.state_dict(), to_dict(cfg), kind=args.kind)
+    path = save_model(args.out, model.state_dict(), to_dict(cfg), kind="vqvae")   # renderer_kind tells them apart
     print(f"converted {len(ours)} tensors from {args.src} into {path}")
     return 0
 

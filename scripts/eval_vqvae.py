@@ -76,11 +76,6 @@ def load_vqvae(ckpt, device="cpu") -> TriplaneVQVAE:
     return model.to(device).eval()
 
 
-def encoder_input_size(cfg: VQVAEConfig) -> int:
-    """Input views (pixels) that the encoder turns into latent_size planes: one halving per level."""
-    return cfg.decoder.latent_size * 2 ** (len(cfg.encoder.ch_mult) - 1)
-
-
 def gt_depth_at(sample: dict, res: int) -> torch.Tensor:
     """GT camera-z depth (12, res, res): the dataset's target_depth over the foreground coverage
     resized the same way (bilinear); 0 where no foreground reaches the pixel."""
@@ -115,7 +110,7 @@ def evaluate_object(model: TriplaneVQVAE, sample: dict, res: int, device) -> tup
     errors left out; (GT targets, renders from the first view set), each (12, 3, res, res) in
     [0, 1], for the grid)."""
     cfg = model.cfg
-    size = encoder_input_size(cfg)
+    size = cfg.input_size
     c = sample["c"].to(device)
     gt_rgb, gt_alpha = sample["target_rgb"].to(device), sample["target_alpha"].to(device)
     gt_depth = gt_depth_at(sample, res).to(device)

@@ -63,6 +63,11 @@ def _check(tp, value, where: str):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):             # YAML 1.1 reads 5e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

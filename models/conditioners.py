@@ -1,0 +1,263 @@
+"""Condition encoders of SAR3D behind one interface: DINOv2 for images, CLIP for text.
+
+The AR generator and scripts/precompute.py share these classes, so the embeddings a model is
+trained on (the precomputed files) and the ones it is sampled with come from the same code.
+
+    cond = load_conditioner("image", "facebook/dinov2-large", device="cuda")
+    tokens_BTD, pooled_BD = cond.encode(images)    # what cross-attention and AdaLN/SOS read
+    tokens_TD, pooled_D = cond.empty()             # the unconditional embedding (CFG, dropout)
+
+| kind  | model (official)             | tokens (T × D)                 | pooled (D)                |
+|-------|------------------------------|--------------------------------|---------------------------|
+| image | facebook/dinov2-large        | 256 × 1024 patch tokens        | pooler_output (final-LN CLS) |
+| text  | openai/clip-vit-large-patch14| 77 × 768 last_hidden_state     | pooler_output (EOS token) |
+
+The official image file stores the DINOv2 last_hidden_state (257 rows): row 0 is the CLS token,
+which equals pooler_output, so [pooled | tokens] rebuilds it exactly (see
+datasets.gbuffer.read_precomputed). The unconditional embeddings are the encoder run on a white
+image and on the empty prompt, as the official `files/empty_*.npy`.
+
+Models load from a directory written by `save_pretrained` or by a hub id (local cache first,
+the network only if the hub answers); anything else is one EncoderUnavailable error that says
+where to put the model. Models run in eval() under no_grad, in float32 as the official (the
+checkpoint's own dtype is not kept).
+"""
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from datasets.gbuffer import IMAGENET_MEAN, IMAGENET_STD
+
+DEFAULT_SOURCES = {"image": "facebook/dinov2-large", "text": "openai/clip-vit-large-patch14"}
+DINO_RESIZE = 256   # the dinov2 image processor: shortest edge to 256 (bicubic),
+DINO_CROP = 224     # then a centre crop of 224
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+class EncoderUnavailable(FileNotFoundError):
+    """A condition encoder could not be loaded; the message says where to put it."""
+
+
+class Conditioner:
+    """One frozen condition encoder. Subclasses set `kind` and `empty_input`, and implement
+    `_encode(inputs) -> (tokens (B, T, D), pooled (B, D))` and `seq_len` (T)."""
+
+    kind: str
+    empty_input: object
+
+    def __init__(self, model: torch.nn.Module, device):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self._empty = None
+
+    @property
+    def dim(self) -> int:
+        """D, the width of tokens and pooled vector."""
+        return self.model.config.hidden_size
+
+    @property
+    def seq_len(self) -> int:
+        raise NotImplementedError
+
+    def _encode(self, inputs):
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode(self, inputs):
+        """inputs -> (tokens (B, T, D), pooled (B, D)), float32 on self.device."""
+        return self._encode(inputs)
+
+    def empty(self):
+        """The unconditional embedding (tokens (T, D), pooled (D,)), computed once. Shared
+        between calls: expand or clone it, never write into it."""
+        if self._empty is None:
+            tokens, pooled = self.encode(self.empty_input)
+            self._empty = tokens[0], pooled[0]
+        return self._empty
+
+
+# ----------------------------------------------------------------------------- image
+
+def _pil_to_tensor(im: Image.Image) -> torch.Tensor:
+    """PIL image -> (3, H, W) float in [0, 1]; transparency is composited on white, the
+    background of the training views."""
+    if im.mode in ("RGBA", "LA", "P", "PA"):
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
+    return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def dino_preprocess(images_B3HW: torch.Tensor) -> torch.Tensor:
+    """The dinov2 image processor in torch: (B, 3, H, W) in [0, 1] -> (B, 3, 224, 224):
+    shortest edge to 256 (bicubic, antialiased like PIL; skipped when already 256), centre crop
+    224, ImageNet mean/std. Matches the processor up to its uint8 rounding after the resize."""
+    x = images_B3HW.float()
+    H, W = x.shape[-2:]
+    if min(H, W) != DINO_RESIZE:
+        # Same output size rule as the processor: the long side is truncated, not rounded.
+        size = (DINO_RESIZE, int(DINO_RESIZE * W / H)) if H <= W else (int(DINO_RESIZE * H / W), DINO_RESIZE)
+        x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
+        H, W = size
+    top, left = (H - DINO_CROP) // 2, (W - DINO_CROP) // 2
+    x = x[..., top:top + DINO_CROP, left:left + DINO_CROP]
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
+
+
+class DinoImageConditioner(Conditioner):
+    """DINOv2 (transformers Dinov2Model). encode(images): a float tensor (B, 3, H, W) or
+    (3, H, W) in [0, 1], a PIL image, or a list of them (any sizes) -> tokens (B, 256, D)
+    (patch tokens, CLS dropped as the official AR model does), pooled (B, D)."""
+
+    kind = "image"
+    empty_input = torch.ones(1, 3, DINO_RESIZE, DINO_RESIZE)   # a white image, as the official
+
+    def __init__(self, path_or_hub_id: str = DEFAULT_SOURCES["image"], device="cpu"):
+        from transformers import Dinov2Model
+
+        def load(src, local_only):
+            model, info = Dinov2Model.from_pretrained(src, local_files_only=local_only, dtype=torch.float32,
+                                                      output_loading_info=True)
+            _check_complete(info)
+            return model
+
+        super().__init__(_from_pretrained(load, path_or_hub_id, "DINOv2 image encoder", "--image-encoder",
+                                          DEFAULT_SOURCES["image"]), device)
+
+    @property
+    def seq_len(self) -> int:
+        return (DINO_CROP // self.model.config.patch_size) ** 2
+
+    def _pixels(self, images) -> torch.Tensor:
+        if isinstance(images, Image.Image):
+            images = [images]
+        if isinstance(images, (list, tuple)):
+            return torch.cat([self._pixels(_pil_to_tensor(im) if isinstance(im, Image.Image) else im)
+                              for im in images])
+        if images.dim() == 3:
+            images = images[None]
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
+        return dino_preprocess(images.to(self.device))
+
+    def _encode(self, images):
+        out = self.model(pixel_values=self._pixels(images))
+        return out.last_hidden_state[:, 1:], out.pooler_output
+
+
+# ----------------------------------------------------------------------------- text
+
+class ClipTextConditioner(Conditioner):
+    """CLIP text tower (transformers CLIPTokenizer + CLIPTextModel). encode(texts): a string
+    or a list of strings -> tokens (B, 77, D) = last_hidden_state, pooled (B, D)."""
+
+    kind = "text"
+    empty_input = [""]
+
+    def __init__(self, path_or_hub_id: str = DEFAULT_SOURCES["text"], device="cpu"):
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        def load(src, local_only):
+            tokenizer = CLIPTokenizer.from_pretrained(src, local_files_only=local_only)
+            model, info = CLIPTextModel.from_pretrained(src, local_files_only=local_only, dtype=torch.float32,
+                                                        output_loading_info=True)
+            _check_complete(info)
+            # Without its files the tokenizer loads silently as a 3-token stub: catch that here.
+            if len(tokenizer) != model.config.vocab_size:
+                raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model {model.config.vocab_size}: "
+                                 "tokenizer files (tokenizer.json, or vocab.json and merges.txt) missing or foreign")
+            return tokenizer, model
+
+        self.tokenizer, model = _from_pretrained(load, path_or_hub_id, "CLIP text encoder", "--text-encoder",
+                                                     DEFAULT_SOURCES["text"])
+        super().__init__(model, device)
+
+    @property
+    def seq_len(self) -> int:
+        # 77 for CLIP: the official pads to tokenizer.model_max_length, which equals this.
+        return self.model.config.max_position_embeddings
+
+    def _encode(self, texts):
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids = self.tokenizer(texts, padding="max_length", max_length=self.seq_len, truncation=True,
+                             return_tensors="pt").input_ids.to(self.device)
+        # No attention mask, as the official: it would change the hidden states of the padding.
+        out = self.model(input_ids=ids)
+        return out.last_hidden_state, out.pooler_output
+
+
+CONDITIONERS = {"image": DinoImageConditioner, "text": ClipTextConditioner}
+
+
+def load_conditioner(kind: str, path_or_hub_id: str | None = None, device="cpu") -> Conditioner:
+    """The condition encoder of `kind` ("image" or "text") from a save_pretrained directory or
+    a hub id (default: the official model). Raises EncoderUnavailable when it cannot load."""
+    if kind not in CONDITIONERS:
+        raise ValueError(f"unknown condition kind {kind!r}: use one of {sorted(CONDITIONERS)}")
+    return CONDITIONERS[kind](path_or_hub_id or DEFAULT_SOURCES[kind], device)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _check_complete(loading_info: dict):
+    """A checkpoint that does not fill the model would run with random weights: refuse it."""
+    missing = loading_info.get("missing_keys") or []
+    if missing:
+        raise ValueError(f"{len(missing)} weights missing from the checkpoint (e.g. '{sorted(missing)[0]}'): "
+                         "it holds another model")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [l for l in str(e).splitlines() if l.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub endpoint accepts a connection; checked first because an offline
+    download attempt retries for tens of seconds before it fails."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_pretrained(load: Callable, source: str, what: str, flag: str, default_id: str):
+    """load(src, local_files_only) on a local directory, else on a hub id (the local cache,
+    then the hub if it answers). Every failure is one EncoderUnavailable naming the fix."""
+    path = Path(source).expanduser()
+    repo = source if _HUB_ID.fullmatch(source) and not path.exists() else default_id
+    fix = (f"download it on a machine with internet (hf download {repo} --local-dir DIR), "
+           f"copy DIR here and pass {flag} DIR")
+    if path.is_dir():
+        try:
+            return load(str(path), True)
+        except (OSError, ValueError) as e:
+            raise EncoderUnavailable(f"cannot load the {what} from {path}: {_first_line(e)}; the directory must "
+                                     f"hold a save_pretrained() copy of the model; {fix}") from None
+    if path.exists() or not _HUB_ID.fullmatch(source):
+        raise EncoderUnavailable(f"cannot load the {what}: {path} is not a directory; {fix}" if path.exists()
+                                 else f"cannot load the {what}: no directory {path}; {fix}")
+    try:
+        return load(source, True)
+    except (OSError, ValueError):
+        pass                            # not in the local cache: try the hub
+    if not _hub_reachable():
+        raise EncoderUnavailable(f"cannot load the {what} '{source}': no local copy and the hub is unreachable; {fix}")
+    try:
+        return load(source, False)
+    except (OSError, ValueError) as e:
+        raise EncoderUnavailable(f"cannot load the {what} '{source}' from the hub: {_first_line(e)}; {fix}") from None

@@ -1,0 +1,163 @@
+"""Condition encoders: tiny random DINOv2 / CLIP models saved with save_pretrained and loaded
+back through load_conditioner, shapes, the official preprocessing, empty embeddings, errors."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import models.conditioners as conditioners
+from models.conditioners import EncoderUnavailable, dino_preprocess, load_conditioner
+
+DINO_DIM, CLIP_DIM = 32, 16
+
+
+def save_tiny_dino(path):
+    """A 1-layer random DINOv2 (patch 14, width 32) in `path`."""
+    from transformers import Dinov2Config, Dinov2Model
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=DINO_DIM, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2,
+                             image_size=224, patch_size=14)).save_pretrained(path)
+    return path
+
+
+def tiny_clip_vocab() -> dict:
+    """A byte-level BPE vocabulary with no merges: every character is a token, '</w>' ends a word."""
+    from tokenizers import pre_tokenizers
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    return vocab
+
+
+def save_tiny_clip(path, with_tokenizer: bool = True):
+    """A 1-layer random CLIP text model (width 16, 77 positions) and its tokenizer in `path`."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    vocab = tiny_clip_vocab()
+    torch.manual_seed(0)
+    CLIPTextModel(CLIPTextConfig(hidden_size=CLIP_DIM, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                                 pad_token_id=1)).save_pretrained(path)
+    if with_tokenizer:
+        CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dino_dir(tmp_path_factory):
+    return save_tiny_dino(tmp_path_factory.mktemp("dino"))
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+def test_dino_preprocess_matches_the_official_processor():
+    from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
+    # The facebook/dinov2-large preprocessor settings.
+    proc = BitImageProcessorPil(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, resample=3,
+                                image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    rng = np.random.default_rng(0)
+    for h, w in ((256, 256), (300, 260)):
+        noise = Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8))
+        ref = proc(images=noise, return_tensors="pt")["pixel_values"]
+        ours = dino_preprocess(torch.from_numpy(np.asarray(noise, np.float32) / 255).permute(2, 0, 1)[None])
+        assert ours.shape == ref.shape == (1, 3, 224, 224)
+        # Exact without a resize. With one, PIL rounds and clips to uint8 after its bicubic: a
+        # mean error of 0.006 (a bilinear resize or a shifted crop would be 0.1 and more).
+        err = (ours - ref).abs()
+        assert err.max() < 1e-5 if h == 256 else err.mean() < 0.01
+
+
+def test_dino_conditioner_shapes_empty_and_inputs(dino_dir):
+    cond = load_conditioner("image", str(dino_dir))
+    assert (cond.kind, cond.dim, cond.seq_len) == ("image", DINO_DIM, 256)
+    assert not cond.model.training and not any(p.requires_grad for p in cond.model.parameters())
+    x = torch.rand(2, 3, 64, 80)
+    tokens, pooled = cond.encode(x)
+    assert tokens.shape == (2, 256, DINO_DIM) and pooled.shape == (2, DINO_DIM)
+    assert tokens.dtype == pooled.dtype == torch.float32 and not tokens.requires_grad
+    with torch.no_grad():
+        full = cond.model(pixel_values=dino_preprocess(x)).last_hidden_state
+    assert torch.allclose(tokens, full[:, 1:], atol=1e-6) and torch.allclose(pooled, full[:, 0], atol=1e-6)
+    # A PIL image, a list of any sizes, a single (3, H, W) tensor: the same embeddings.
+    pils = [Image.fromarray((x[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for i in range(2)]
+    t_pil, _ = cond.encode(pils)
+    t_one, _ = cond.encode(torch.from_numpy(np.asarray(pils[1], np.float32) / 255).permute(2, 0, 1))
+    assert t_pil.shape == (2, 256, DINO_DIM) and torch.allclose(t_pil[1:], t_one, atol=1e-5)
+    # The unconditional embedding is a white image, as the official (a 128-px white PIL image);
+    # a fully transparent image is white too; computed once.
+    e_tokens, e_pooled = cond.empty()
+    w_tokens, w_pooled = cond.encode(Image.new("RGB", (128, 128), (255, 255, 255)))
+    assert e_tokens.shape == (256, DINO_DIM) and e_pooled.shape == (DINO_DIM,)
+    assert torch.allclose(e_tokens, w_tokens[0], atol=1e-5) and torch.allclose(e_pooled, w_pooled[0], atol=1e-5)
+    clear, _ = cond.encode(Image.new("RGBA", (100, 100), (10, 200, 30, 0)))
+    assert torch.allclose(clear[0], e_tokens, atol=1e-5)
+    assert cond.empty()[0] is e_tokens
+    with pytest.raises(ValueError, match=r"images must be \(B, 3, H, W\)"):
+        cond.encode(torch.rand(2, 4, 32, 32))
+
+
+def test_clip_conditioner_shapes_padding_and_empty(clip_dir):
+    cond = load_conditioner("text", str(clip_dir))
+    assert (cond.kind, cond.dim, cond.seq_len) == ("text", CLIP_DIM, 77)
+    tokens, pooled = cond.encode(["ab", "x" * 200])              # the long one is truncated to 77
+    assert tokens.shape == (2, 77, CLIP_DIM) and pooled.shape == (2, CLIP_DIM)
+    # Token ids written out by hand: <start> a b</w> <end>, padded with <end> to 77, no mask.
+    vocab = tiny_clip_vocab()
+    ids = torch.tensor([[0, vocab["a"], vocab["b</w>"]] + [1] * 74])
+    with torch.no_grad():
+        ref = cond.model(input_ids=ids)
+    assert torch.allclose(tokens[0], ref.last_hidden_state[0], atol=1e-6)
+    assert torch.allclose(pooled[0], ref.pooler_output[0], atol=1e-6)
+    assert torch.allclose(cond.encode("ab")[0], tokens[:1], atol=1e-6)
+    e_tokens, e_pooled = cond.empty()
+    with torch.no_grad():
+        ref = cond.model(input_ids=torch.tensor([[0] + [1] * 76]))
+    assert e_tokens.shape == (77, CLIP_DIM) and e_pooled.shape == (CLIP_DIM,)
+    assert torch.allclose(e_tokens, ref.last_hidden_state[0], atol=1e-6)
+    assert torch.allclose(e_pooled, ref.pooler_output[0], atol=1e-6)
+    assert torch.allclose(cond.encode("")[1][0], e_pooled)
+
+
+def _one_line(exc_info) -> str:
+    msg = str(exc_info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_load_errors_are_one_line_and_say_where_to_put_the_model(tmp_path, dino_dir, clip_dir, monkeypatch):
+    with pytest.raises(EncoderUnavailable) as e:
+        load_conditioner("image", str(tmp_path / "nowhere"))
+    msg = _one_line(e)
+    assert msg.startswith(f"cannot load the DINOv2 image encoder: no directory {tmp_path / 'nowhere'}")
+    assert "hf download facebook/dinov2-large --local-dir DIR" in msg and msg.endswith("pass --image-encoder DIR")
+    assert isinstance(e.value, FileNotFoundError)                 # utils.cli.run prints it as one line
+
+    # A hub id with no cached copy while the hub is unreachable: fails at once.
+    monkeypatch.setattr(conditioners, "_hub_reachable", lambda: False)
+    with pytest.raises(EncoderUnavailable) as e:
+        load_conditioner("text", "nobody/no-such-clip")
+    assert _one_line(e) == ("cannot load the CLIP text encoder 'nobody/no-such-clip': no local copy and the hub is "
+                            "unreachable; download it on a machine with internet (hf download nobody/no-such-clip "
+                            "--local-dir DIR), copy DIR here and pass --text-encoder DIR")
+
+    # Directories holding something else: an empty one, another model, a model without tokenizer.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EncoderUnavailable, match=r"cannot load the CLIP text encoder from .*empty: .*save_pretrained"):
+        load_conditioner("text", str(tmp_path / "empty"))
+    with pytest.raises(EncoderUnavailable, match=r"from .*: \d+ weights missing from the checkpoint .*another model"):
+        load_conditioner("image", str(clip_dir))
+    with pytest.raises(EncoderUnavailable, match=r"the tokenizer has \d+ tokens but the model \d+: tokenizer files"):
+        load_conditioner("text", str(save_tiny_clip(tmp_path / "no_tok", with_tokenizer=False)))
+    with pytest.raises(ValueError, match="unknown condition kind 'audio'"):
+        load_conditioner("audio", str(dino_dir))
+
+
+def test_half_precision_checkpoint_runs_in_float32(tmp_path):
+    from transformers import Dinov2Model
+    Dinov2Model.from_pretrained(str(save_tiny_dino(tmp_path / "f32"))).half().save_pretrained(tmp_path / "f16")
+    cond = load_conditioner("image", str(tmp_path / "f16"))
+    tokens, pooled = cond.encode(torch.rand(1, 3, 224, 224))
+    assert cond.model.dtype == tokens.dtype == pooled.dtype == torch.float32

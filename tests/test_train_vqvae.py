@@ -1,0 +1,140 @@
+"""train_vqvae.py: exact resume, torchrun on two CPU processes, losses, data order, errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_vqvae
+from losses.depth import align_scale_shift, scale_shift_invariant_loss
+from models.vqvae import TriplaneVQVAE
+from trainers.sampler import StepBatches
+from utils.cameras import crop_cameras, normalized_intrinsics, orbit_c2w, pack_cameras
+from utils.cli import run
+from utils.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs/vqvae/tiny.yaml"
+# 2 objects per step, 4 patches of 12 px out of 16 px renders per sample, no evaluation.
+FAST = ["--config", str(TINY), "--batch-size", "2", "--set", "train.render_resolution=16",
+        "--set", "train.patch_size=12", "--set", "train.views_per_sample=4", "--set", "train.disc_layers=2",
+        "--set", "train.holdout=0", "--set", "train.eval_objects=0", "--set", "train.num_workers=0",
+        "--set", "train.save_every=1000", "--set", "train.ema_decay=0.9"]
+
+
+def _exit_code(main) -> int:
+    with pytest.raises(SystemExit) as e:
+        run(main)
+    return e.value.code
+
+
+def _train(data, out, steps, *extra):
+    return _exit_code(lambda: train_vqvae.main([*FAST, "--data-dir", str(data), "--out-dir", str(out),
+                                                "--max-steps", str(steps), *extra]))
+
+
+def _log(out):
+    return [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_resume_gives_the_weights_of_a_straight_run(shapes_root, tmp_path):
+    assert _train(shapes_root, tmp_path / "straight", 20) == 0
+    assert _train(shapes_root, tmp_path / "split", 10) == 0
+    assert _train(shapes_root, tmp_path / "split", 20, "--resume") == 0
+    for name in ("model.safetensors", "ema/model.safetensors"):
+        a, b = load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "split" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert [r["loss"] for r in _log(tmp_path / "straight")] == [r["loss"] for r in _log(tmp_path / "split")]
+    state = json.loads((tmp_path / "straight/config.json").read_text())
+    assert state["kind"] == "vqvae" and "train" not in state
+
+
+def test_the_losses_decrease_on_two_objects(shapes_root, tmp_path):
+    index = json.loads((shapes_root / "dataset.json").read_text())
+    root = tmp_path / "two_objects"
+    root.mkdir()
+    for label in ("sphere", "box"):
+        (root / label).symlink_to(shapes_root / label)
+    (root / "dataset.json").write_text(json.dumps({label: index[label] for label in ("sphere", "box")}))
+    lr = [f"train.{k}=2.0e-3" for k in ("lr_encoder", "lr_dit", "lr_rest")]
+    assert _train(root, tmp_path / "run", 40, *[a for x in lr for a in ("--set", x)]) == 0
+    log = _log(tmp_path / "run")
+    for key in ("l1", "alpha"):
+        first, last = sum(r[key] for r in log[:5]), sum(r[key] for r in log[-5:])
+        assert last < 0.8 * first, key
+
+
+def test_two_processes_compute_the_losses_of_one(shapes_root, tmp_path):
+    common = [*FAST, "--batch-size", "4", "--max-steps", "3", "--data-dir", str(shapes_root)]
+    assert _exit_code(lambda: train_vqvae.main([*common, "--out-dir", str(tmp_path / "one")])) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "train_vqvae.py"), *common, "--out-dir", str(tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        for k in ("loss", "l1", "alpha", "vq", "g_gan", "d_gan"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    wa, wb = load_file(str(tmp_path / "one/model.safetensors")), load_file(str(tmp_path / "two/model.safetensors"))
+    assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) < 1e-5
+
+
+def test_clear_errors(shapes_root, tmp_path, capsys):
+    assert _train(shapes_root, tmp_path / "none", 2, "--resume") == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert _train(shapes_root, tmp_path / "run", 1) == 0
+    assert _train(shapes_root, tmp_path / "run", 2) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert _train(shapes_root, tmp_path / "x", 1, "--set", "train.patch_sise=8") == 2
+    assert "patch_size" in capsys.readouterr().err
+    assert _train(shapes_root, tmp_path / "x", 1, "--set", "train.patch_size=8") == 2
+    assert "too small for a discriminator" in capsys.readouterr().err
+    assert _train(tmp_path / "no_data", tmp_path / "y", 1) == 2
+    err = capsys.readouterr().err
+    assert "no_data" in err and "Traceback" not in err
+
+
+def test_step_batches_split_the_global_batch_and_restart_anywhere():
+    one = StepBatches(23, 4, seed=3, num_steps=12)
+    ranks = [StepBatches(23, 4, seed=3, rank=r, world_size=2, num_steps=12) for r in range(2)]
+    for step, batch in enumerate(one):
+        assert sorted(batch) == sorted(ranks[0].indices(step) + ranks[1].indices(step))
+    epoch = [i for s in range(5) for _, i in one.indices(s)]
+    assert len(set(epoch)) == 20                            # an epoch draws without replacement
+    assert list(StepBatches(23, 4, seed=3, start_step=7, num_steps=5)) == list(one)[7:]
+
+
+def test_scale_shift_alignment_against_a_float64_least_squares():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.rand(3, 8, 8, generator=g, dtype=torch.float64), torch.rand(3, 8, 8, generator=g,
+                                                                                      dtype=torch.float64)
+    mask = torch.rand(3, 8, 8, generator=g) > 0.3
+    aligned = align_scale_shift(pred, target, mask)
+    for b in range(3):
+        A = torch.stack([pred[b][mask[b]], torch.ones(int(mask[b].sum()), dtype=torch.float64)], 1)
+        s, t = torch.linalg.lstsq(A, target[b][mask[b]][:, None]).solution[:, 0]
+        assert torch.allclose(aligned[b], s * pred[b] + t, atol=1e-10)
+    # an affine copy of the target costs nothing, whatever the scale and shift
+    assert scale_shift_invariant_loss(3.0 * target - 0.7, target, mask).item() < 1e-10
+    assert scale_shift_invariant_loss(pred, target, mask).item() > 1e-3
+
+
+def test_cropped_cameras_render_the_crop_of_the_full_image():
+    model = TriplaneVQVAE(load_config(train_vqvae.VQVAERunConfig, TINY)).eval()
+    torch.manual_seed(0)
+    planes = torch.randn(1, 3 * 8, 8, 8)
+    c = torch.from_numpy(pack_cameras(np.stack([orbit_c2w(30, 20, 2.0), orbit_c2w(200, 5, 2.0)]),
+                                      normalized_intrinsics()))
+    full = model.render(planes, c, resolution=16, deterministic=True)
+    x0, y0 = torch.tensor([3, 0]), torch.tensor([5, 4])
+    part = model.render(planes, crop_cameras(c, x0, y0, 8, 16), resolution=8, deterministic=True)
+    for j in range(2):
+        ref = full["image_raw"][j, :, y0[j]:y0[j] + 8, x0[j]:x0[j] + 8]
+        assert torch.allclose(part["image_raw"][j], ref, atol=1e-5)
