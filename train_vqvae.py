@@ -10,7 +10,7 @@
 The config is a model config (configs/vqvae/*.yaml) with an optional `train:` section (TrainConfig
 below: the official recipe of spec §2.7 and §4 by default). Every step encodes each object twice,
 from each of its two view sets (datasets.gbuffer.input_view_sets), and supervises the renders of
-its views: L1 on RGB, opacity L1 against the mask, scale-and-shift-invariant depth, the VQ loss,
+its views: L1 and LPIPS on RGB, opacity L1 against the mask, scale-and-shift-invariant depth, the VQ loss,
 and a PatchGAN hinge term. `--out-dir` always holds the latest raw weights (model.safetensors +
 config.json, what every other tool reads), the EMA weights in ema/, and train_state/ for an exact
 `--resume` (model, EMA, discriminator, optimizers, step, RNG; the data order and all random
@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from datasets.gbuffer import GBufferDataset, encoder_views, input_view_sets  # noqa: E402
 from losses.depth import scale_shift_invariant_loss  # noqa: E402
 from losses.gan import PatchDiscriminator, hinge_d_loss, hinge_g_loss  # noqa: E402
+from losses.perceptual import load_lpips, lpips_distance  # noqa: E402
 from models.vqvae import TriplaneVQVAE, VQVAEConfig  # noqa: E402
 from trainers import distributed  # noqa: E402
 from trainers.sampler import StepBatches, seeded_generator  # noqa: E402
@@ -75,6 +76,9 @@ class TrainConfig:
     patch_in_bbox: float = 0.875     # share of patches centred inside the foreground box
     views_per_sample: int = 12       # target views rendered per sample (random subset when < 12)
     l1_weight: float = 1.0
+    perceptual_weight: float = 0.8   # LPIPS-VGG, from `perceptual_start` on; off when its weights are absent
+    perceptual_start: int = 100
+    lpips_weights: str | None = "checkpoints/lpips_vgg.safetensors"   # scripts/make_lpips_weights.py
     depth_weight: float = 0.5
     depth_max: float = 0.2           # the depth term is dropped for a sample when it exceeds this
     alpha_weight: float = 1.0
@@ -178,14 +182,17 @@ class ReconstructionStep(nn.Module):
         return renders, vq_loss, usage
 
 
-def reconstruction_losses(cfg: TrainConfig, renders: list, targets: list) -> tuple[torch.Tensor, dict, torch.Tensor,
-                                                                                   torch.Tensor]:
-    """Mean over samples of the weighted RGB / opacity / depth terms. Returns (loss, logs, fake
-    and real RGB patches in [-1, 1] for the discriminator)."""
-    total, logs, fakes, reals = 0.0, {"l1": 0.0, "alpha": 0.0, "depth": 0.0}, [], []
+def reconstruction_losses(cfg: TrainConfig, renders: list, targets: list, lpips=None) -> tuple:
+    """Mean over samples of the weighted RGB (L1, LPIPS when `lpips` is given) / opacity / depth
+    terms. Returns (loss, logs, fake and real RGB patches in [-1, 1] for the discriminator)."""
+    total, logs, fakes, reals = 0.0, {"l1": 0.0, "alpha": 0.0, "depth": 0.0, "lpips": 0.0}, [], []
     for r, (rgb, alpha, depth) in zip(renders, targets):
         gt = rgb * 2 - 1
         l1 = (r["image_raw"] - gt).abs().mean()
+        if lpips is not None:
+            l_p = lpips_distance(lpips, r["image_raw"], gt).mean()
+            total = total + cfg.perceptual_weight * l_p
+            logs["lpips"] += l_p.item() / len(renders)
         l_alpha = (r["weights_samples"][:, 0] - alpha).abs().mean()
         l_depth = scale_shift_invariant_loss(r["image_depth"][:, 0].float(), depth, alpha > 0.5)
         if l_depth.item() > cfg.depth_max:   # a sample the depth term cannot fit yet; skip as the official
@@ -257,6 +264,7 @@ def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool) -> d
     except RuntimeError:
         raise ValueError(f"train: {patch}x{patch} renders are too small for a discriminator of {t.disc_layers} layers; "
                          "raise train.patch_size / render_resolution or lower train.disc_layers") from None
+    lpips = load_lpips(t.lpips_weights, device) if t.perceptual_weight > 0 else None
     ema = EMA(model, t.ema_decay)
     opt = torch.optim.AdamW(param_groups(model, t), betas=t.betas)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=t.disc_lr, betas=t.disc_betas)
@@ -289,7 +297,8 @@ def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool) -> d
     t0 = time.time()
     model.train()
     for batch in loader:
-        logs = {"loss": 0.0, "l1": 0.0, "alpha": 0.0, "depth": 0.0, "vq": 0.0, "g_gan": 0.0, "d_gan": 0.0}
+        logs = {"loss": 0.0, "l1": 0.0, "lpips": 0.0, "alpha": 0.0, "depth": 0.0, "vq": 0.0, "g_gan": 0.0,
+                "d_gan": 0.0}
         n_micro = t.grad_accum
         per_micro = objects_per_rank // n_micro
         gan_on = step >= t.gan_start and t.gan_g_weight + t.gan_d_weight > 0
@@ -315,7 +324,8 @@ def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool) -> d
             with sync:
                 with autocast():
                     renders, vq_loss, usage = train_step(x, cams, gens)
-                rec, rec_logs, fake, real = reconstruction_losses(t, renders, targets)
+                rec, rec_logs, fake, real = reconstruction_losses(
+                    t, renders, targets, lpips if step >= t.perceptual_start else None)
                 loss = rec + t.vq_weight * vq_loss.float()
                 if gan_on and t.gan_g_weight > 0:
                     disc.requires_grad_(False)

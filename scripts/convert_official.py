@@ -34,15 +34,14 @@ KINDS = {"vqvae": ROOT / "configs" / "vqvae" / "paper.yaml",
 def read_official(path: Path) -> dict:
     """The official file's tensors, read without unpickling anything else."""
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: put the official file there or pass --src")
+        raise CheckpointError(f"no checkpoint at {path}: put the file there or pass its path")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, or truncated ({first})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors (the official vqvae-ckpt.pt or "
-                              "vqvae-flexicubes-ckpt.pt)")
+        raise CheckpointError(f"{path}: expected a state dict of tensors (such as the official vqvae-ckpt.pt)")
     return state
 
 
