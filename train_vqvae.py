@@ -250,8 +250,8 @@ def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool) -> d
     train_ds = GBufferDataset(data_dir, split="train", holdout=t.holdout, resolution=t.render_resolution)
     val_ds = GBufferDataset(data_dir, split="val", holdout=t.holdout, resolution=t.render_resolution) \
         if d.is_main and t.eval_objects > 0 and t.holdout > 0 else None
-    objects_per_rank = t.batch_size // d.world_size if t.batch_size % d.world_size == 0 else 0
-    if objects_per_rank % t.grad_accum:
+    objects_per_rank = t.batch_size // d.world_size
+    if t.batch_size % (d.world_size * t.grad_accum):
         raise ValueError(f"train.batch_size {t.batch_size} must split evenly into {d.world_size} process(es) "
                          f"x {t.grad_accum} micro-batch(es)")
 

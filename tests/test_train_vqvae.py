@@ -138,3 +138,20 @@ def test_cropped_cameras_render_the_crop_of_the_full_image():
     for j in range(2):
         ref = full["image_raw"][j, :, y0[j]:y0[j] + 8, x0[j]:x0[j] + 8]
         assert torch.allclose(part["image_raw"][j], ref, atol=1e-5)
+
+
+def test_train_vqvae_sh_runs_and_resumes(shapes_root, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CONFIG": str(TINY)}
+    flags = [a for a in FAST[2:] if a not in ("--batch-size", "2")]
+
+    def sh(*args):
+        return subprocess.run(["bash", str(ROOT / "train_vqvae.sh"), *args], env=env, capture_output=True,
+                              text=True, timeout=300)
+    out = tmp_path / "run"
+    first = sh(str(shapes_root), "1", "2", str(out), "--max-steps", "1", *flags)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = sh(str(shapes_root), "1", "2", str(out), "--max-steps", "2", *flags)   # picks up the run
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [r["step"] for r in _log(out)] == [1, 2]
+    usage = sh(str(shapes_root))
+    assert usage.returncode == 2 and "usage: bash train_vqvae.sh DATA_DIR NUM_GPUS BATCH_SIZE OUT_DIR" in usage.stderr
