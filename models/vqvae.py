@@ -25,6 +25,8 @@ from models.quantizer import TriplaneQuantizer
 from models.triplane_decoder import TriplaneDecoder, TriplaneDecoderConfig, official_to_ours
 from renderers.flexicubes import FlexiCubesConfig, FlexiCubesRenderer
 from renderers.nerf import NeRFConfig, NeRFRenderer
+from utils.checkpoint import CheckpointError, load_model
+from utils.config import ConfigError, from_dict
 
 
 @dataclass
@@ -108,6 +110,23 @@ class TriplaneVQVAE(nn.Module):
         """Render a triplane from cameras (c.npy rows); see renderers/nerf.py or renderers/flexicubes.py."""
         planes = triplane.reshape(triplane.shape[0], 3, -1, *triplane.shape[-2:])
         return self.renderer(planes, c_B25, **kw)
+
+
+def load_vqvae(ckpt, device="cpu") -> TriplaneVQVAE:
+    """A TriplaneVQVAE from our checkpoint folder (model.safetensors + config.json), strictly
+    loaded, in eval mode. Raises CheckpointError naming the checkpoint on any mismatch."""
+    state, cfg, _ = load_model(ckpt, "vqvae")
+    try:
+        model = TriplaneVQVAE(from_dict(VQVAEConfig, cfg))
+    except (ConfigError, ValueError) as e:
+        raise CheckpointError(f"{ckpt}: its config does not build a VQVAE ({e})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{ckpt}: weights do not match the config stored with them "
+                              f"({first[1].strip() if len(first) > 1 else first[0]})") from None
+    return model.to(device).eval()
 
 
 # ----------------------------------------------------------------------------- official weights

@@ -45,35 +45,16 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from datasets.gbuffer import GBufferDataset, encoder_views, input_view_sets  # noqa: E402
-from models.vqvae import TriplaneVQVAE, VQVAEConfig  # noqa: E402
+from models.vqvae import TriplaneVQVAE, load_vqvae  # noqa: E402
 from renderers.nerf import camera_rays  # noqa: E402
 from utils.cameras import unpack_cameras  # noqa: E402
-from utils.checkpoint import CheckpointError, load_model  # noqa: E402
 from utils.cli import run  # noqa: E402
-from utils.config import ConfigError, from_dict  # noqa: E402
 from utils.metrics import depth_error, mask_iou, psnr, ssim  # noqa: E402
 
 METRICS = ("psnr", "ssim", "mask_iou", "depth_error")
 GRID_OBJECTS = 8
 GRID_VIEWS = (0, 3, 6, 9)
 EVAL_CHUNK_RAYS = 1024        # rays per camera at once when the config sets none: bounds memory
-
-
-def load_vqvae(ckpt, device="cpu") -> TriplaneVQVAE:
-    """A TriplaneVQVAE from our checkpoint folder (model.safetensors + config.json), strictly
-    loaded, in eval mode. Raises CheckpointError naming the checkpoint on any mismatch."""
-    state, cfg, _ = load_model(ckpt, "vqvae")
-    try:
-        model = TriplaneVQVAE(from_dict(VQVAEConfig, cfg))
-    except (ConfigError, ValueError) as e:
-        raise CheckpointError(f"{ckpt}: its config does not build a VQVAE ({e})") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise CheckpointError(f"{ckpt}: weights do not match the config stored with them "
-                              f"({first[1].strip() if len(first) > 1 else first[0]})") from None
-    return model.to(device).eval()
 
 
 def gt_depth_at(sample: dict, res: int) -> torch.Tensor:
@@ -178,7 +159,7 @@ def main(argv=None):
     grid = args.grid or out.with_name(out.stem + "_grid.png")
 
     model = load_vqvae(args.ckpt, device)
-    if model.renderer.cfg.chunk_rays is None:
+    if model.cfg.renderer_kind == "nerf" and model.renderer.cfg.chunk_rays is None:
         model.renderer.cfg = dataclasses.replace(model.renderer.cfg, chunk_rays=EVAL_CHUNK_RAYS)
     data = GBufferDataset(args.data_dir, split=args.split, holdout=args.holdout, resolution=args.resolution)
     n = len(data) if args.num is None else min(args.num, len(data))

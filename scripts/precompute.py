@@ -43,10 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datasets.gbuffer import (CONDITION_FILES, TOKEN_FILES, GBufferDataset, encoder_views,  # noqa: E402
                               input_view_sets, read_text)
 from models.conditioners import DEFAULT_SOURCES, load_conditioner  # noqa: E402
-from models.vqvae import TriplaneVQVAE, VQVAEConfig  # noqa: E402
-from utils.checkpoint import load_model  # noqa: E402
+from models.vqvae import load_vqvae  # noqa: E402
 from utils.cli import run  # noqa: E402
-from utils.config import from_dict  # noqa: E402
 
 log = logging.getLogger("precompute")
 
@@ -120,13 +118,6 @@ def find_jobs(dataset: GBufferDataset, wanted: set, overwrite: bool) -> list:
         if needs:
             jobs.append((i, needs))
     return jobs
-
-
-def load_vqvae(path, device) -> TriplaneVQVAE:
-    state, cfg, _ = load_model(path, kind="vqvae")
-    model = TriplaneVQVAE(from_dict(VQVAEConfig, cfg))
-    model.load_state_dict(state, strict=True)
-    return model.eval().to(device)
 
 
 @torch.no_grad()

@@ -10,7 +10,8 @@ from PIL import Image
 from datasets.gbuffer import write_gbuffer_object, write_index
 from models.vqvae import TriplaneVQVAE, VQVAEConfig
 from renderers.nerf import camera_rays
-from scripts.eval_vqvae import gt_depth_at, load_vqvae, main, render_camera_z, score_views
+from models.vqvae import load_vqvae
+from scripts.eval_vqvae import gt_depth_at, main, render_camera_z, score_views
 from tests.test_nerf_mesh import sphere_triplane
 from utils.cameras import normalized_intrinsics, orbit_c2w, pack_cameras
 from utils.checkpoint import CheckpointError, save_model
