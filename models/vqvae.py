@@ -25,7 +25,7 @@ from models.quantizer import TriplaneQuantizer
 from models.triplane_decoder import TriplaneDecoder, TriplaneDecoderConfig, official_to_ours
 from renderers.flexicubes import FlexiCubesConfig, FlexiCubesRenderer
 from renderers.nerf import NeRFConfig, NeRFRenderer
-from utils.checkpoint import CheckpointError, load_model
+from utils.checkpoint import CheckpointError, load_model, map_official_state
 from utils.config import ConfigError, from_dict
 
 
@@ -163,27 +163,6 @@ def ours_to_official(name: str) -> str:
     return "decoder." + inner if inner.startswith("vit_decoder.") else "decoder.superresolution." + inner
 
 
-class ConversionError(ValueError):
-    pass
-
-
 def convert_official(state: dict, model: TriplaneVQVAE) -> dict:
-    """Official state dict -> ours for `model`, checked tensor by tensor: every official key
-    must map to one of ours with the same shape, and every one of ours must be filled."""
-    ours = model.state_dict()
-    out, problems = {}, []
-    for key, value in state.items():
-        if key in DROPPED:
-            continue
-        name = official_key(key)
-        if name is None or name not in ours:
-            problems.append(f"unexpected tensor '{key}'")
-        elif tuple(value.shape) != tuple(ours[name].shape):
-            problems.append(f"'{key}' has shape {tuple(value.shape)}, expected {tuple(ours[name].shape)}")
-        else:
-            out[name] = value
-    mapped = {official_key(k) for k in state}
-    problems += [f"missing tensor '{ours_to_official(k)}'" for k in ours if k not in mapped]
-    if problems:
-        raise ConversionError("; ".join(problems[:10]) + (f" (+{len(problems) - 10} more)" if len(problems) > 10 else ""))
-    return out
+    """Official state dict -> ours for `model`, checked tensor by tensor (map_official_state)."""
+    return map_official_state(state, model.state_dict(), official_key, ours_to_official, DROPPED)

@@ -19,8 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from safetensors.torch import save_file  # noqa: E402
 
 from losses.perceptual import LPIPS  # noqa: E402
-from scripts.convert_official import read_official  # noqa: E402
-from utils.checkpoint import CheckpointError  # noqa: E402
+from utils.checkpoint import CheckpointError, read_official_state  # noqa: E402
 from utils.cli import run  # noqa: E402
 
 
@@ -42,7 +41,7 @@ def main(argv=None):
     ap.add_argument("--lin", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
-    state = gather(read_official(args.vgg), read_official(args.lin))
+    state = gather(read_official_state(args.vgg), read_official_state(args.lin))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(args.out))
     print(f"wrote {len(state)} tensors to {args.out}")

@@ -8,10 +8,11 @@ import pytest
 import torch
 import yaml
 
-from models.vqvae import ConversionError, TriplaneVQVAE, VQVAEConfig, convert_official, ours_to_official
+from models.vqvae import TriplaneVQVAE, VQVAEConfig, convert_official, ours_to_official
 from renderers.flexicubes import (FlexiCubesConfig, FlexiCubesRenderer, MeshPointDecoder, fix_empty_shapes,
                                   flexicubes, voxel_grid)
 from renderers.flexicubes_tables import CHECK_TABLE, CUBE_EDGES, DMC_TABLE, NUM_VD_TABLE
+from utils.checkpoint import ConversionError
 from scripts.convert_official import main as convert_main
 from tests.official import fill, key_table, needs_official
 from utils.cameras import normalized_intrinsics, orbit_c2w, pack_cameras, pixel_rays

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.vqvae import (DROPPED, ConversionError, TriplaneVQVAE, VQVAEConfig, convert_official, official_key,
+from models.vqvae import (DROPPED, TriplaneVQVAE, VQVAEConfig, convert_official, official_key,
                           ours_to_official)
 from scripts.convert_official import main as convert_main
 from tests.official import fill, key_table, needs_official, reference, rel_err
 from utils.cameras import normalized_intrinsics, orbit_c2w, pack_cameras
-from utils.checkpoint import load_model, save_model
+from utils.checkpoint import ConversionError, load_model, save_model
 from utils.cli import run
 from utils.config import from_dict, load_config, to_dict
 

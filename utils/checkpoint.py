@@ -1,9 +1,20 @@
 """Our checkpoint format: `model.safetensors` whose metadata carries the config that built the
-model, with the same config beside it as `config.json`. Nothing is unpickled."""
+model, with the same config beside it as `config.json`. Nothing is unpickled.
+
+Official checkpoints (.pt/.pth pickles) are read by `read_official`: torch.load with
+weights_only=True, or, when the file holds other objects than tensors and containers (the AR
+files keep their training arguments), a restricted unpickler that rebuilds tensors and
+containers and turns every other object into an inert placeholder, never importing or calling
+anything else.
+"""
 from __future__ import annotations
 
 import json
+import pickle
+import zipfile
 from pathlib import Path
+
+import torch
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -13,6 +24,10 @@ FORMAT = "sar3d-repro/1"
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class ConversionError(ValueError):
+    """An official checkpoint does not match the model it is converted into."""
 
 
 def save_model(out_dir, state_dict: dict, config: dict, kind: str) -> Path:
@@ -50,3 +65,95 @@ def load_model(path, kind: str | None = None):
     if kind is not None and meta.get("kind") != kind:
         raise CheckpointError(f"{file}: holds a '{meta.get('kind')}' model, expected '{kind}'")
     return state, json.loads(meta["config"]), meta["kind"]
+
+
+def map_official_state(state: dict, ours: dict, to_ours, to_official, dropped=()) -> dict:
+    """Official state dict -> ours, checked tensor by tensor: every official key not in `dropped`
+    must map (to_ours) to one of ours with the same shape, and every one of ours must be filled.
+    Raises ConversionError naming the official keys (to_official) at fault."""
+    out, seen, problems = {}, set(), []
+    for key, value in state.items():
+        if key in dropped:
+            continue
+        name = to_ours(key)
+        seen.add(name)
+        if name is None or name not in ours:
+            problems.append(f"unexpected tensor '{key}'")
+        elif tuple(value.shape) != tuple(ours[name].shape):
+            problems.append(f"'{key}' has shape {tuple(value.shape)}, expected {tuple(ours[name].shape)}")
+        else:
+            out[name] = value
+    problems += [f"missing tensor '{to_official(k)}'" for k in ours if k not in seen]
+    if problems:
+        more = f" (+{len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise ConversionError("; ".join(problems[:10]) + more)
+    return out
+
+
+# What the restricted unpickler may resolve: torch's tensor rebuilders and plain containers.
+_SAFE_GLOBALS = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+                 ("torch._utils", "_rebuild_parameter_with_state"), ("collections", "OrderedDict"),
+                 ("torch", "Size")}
+
+
+class Placeholder:
+    """Stands in for any object of an official file that is not a tensor or a container. It
+    records how it was built and does nothing else."""
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self):
+        return f"<{type(self).__name__}>"
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        return type(f"{module}.{name}", (Placeholder,), {})
+
+
+class _RestrictedPickle:
+    """A pickle module for torch.load whose Unpickler is the restricted one."""
+    Unpickler = _RestrictedUnpickler
+    load = pickle.load
+    __name__ = "restricted_pickle"
+
+
+def read_official(path):
+    """The object in an official .pt/.pth file (tensors on the CPU). Raises CheckpointError
+    naming the file when it is missing, truncated or not a PyTorch checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: put the file there or pass its path")
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "weights_only" not in str(e):
+                raise
+            # Objects other than tensors in the file: rebuild tensors only (see _RestrictedUnpickler).
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickle)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, or truncated ({first})") from None
+
+
+def read_official_state(path, inner: tuple = (), what: str = "a state dict of tensors") -> dict:
+    """The state dict of an official file, found under the keys `inner` (("trainer", "var_wo_ddp")
+    for the AR files). Anything else is a CheckpointError that says what was expected."""
+    obj = read_official(path)
+    for key in inner:
+        obj = obj.get(key) if isinstance(obj, dict) else None
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected {what}")
+    return obj

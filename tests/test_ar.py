@@ -1,0 +1,284 @@
+import pytest
+import torch
+
+from models.ar import ARConfig, Condition, NextScaleAR, convert_official, load_ar, sample_top_k_top_p
+from models.quantizer import TriplaneQuantizer
+from tests.official import fill, key_table, needs_official, reference, rel_err
+from utils.checkpoint import CheckpointError, ConversionError, save_model
+from utils.config import to_dict
+
+PN = (1, 2, 4)
+V, CV = 64, 4
+
+
+def tiny(condition="image", **kw) -> NextScaleAR:
+    torch.manual_seed(0)
+    base = dict(depth=2, width=32, num_heads=4, pooled_dim=16, seq_dim=12, patch_nums=PN, vocab_size=V, c_vae=CV)
+    if condition == "text":
+        base["cross_attn"] = "after_self"
+    elif condition in ("class", "none"):
+        base.update(cross_attn="none", num_classes=5 if condition == "class" else 0)
+    return NextScaleAR(ARConfig(condition=condition, **{**base, **kw}))
+
+
+def quantizer() -> TriplaneQuantizer:
+    torch.manual_seed(1)
+    return TriplaneQuantizer(vocab_size=V, c_vae=CV, patch_nums=PN, official_quirks=False).eval()
+
+
+def condition(B=2, seed=2) -> Condition:
+    g = torch.Generator().manual_seed(seed)
+    return Condition(pooled=torch.randn(B, 16, generator=g), tokens=torch.randn(B, 7, 12, generator=g))
+
+
+def uncond() -> Condition:
+    return Condition(pooled=torch.zeros(16), tokens=torch.full((7, 12), 0.1))
+
+
+def teacher_input(B=2, seed=3) -> torch.Tensor:
+    L = 3 * sum(p * p for p in PN)
+    return torch.randn(B, L - 3, CV, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- official checkpoints --------------------------------------------------------------------
+
+@needs_official
+@pytest.mark.parametrize("table, cfg", [
+    ("var_image", dict(condition="image", depth=24)),
+    ("var_text", dict(condition="text", depth=16, pooled_dim=768, seq_dim=768, cross_attn="after_self")),
+])
+def test_official_tables_convert_and_load_strictly(table, cfg):
+    with torch.device("meta"):
+        model = NextScaleAR(ARConfig(**cfg))
+    state = {k: torch.empty(shape, device="meta") for k, shape, _, _ in key_table(table)}
+    ours = convert_official(state, model)
+    model.load_state_dict(ours, strict=True, assign=True)
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        torch.Size(s).numel() for _, s, _, kind in key_table(table) if kind == "param")
+    gone = "blocks.3.cross_attn.mat_kv.weight"
+    with pytest.raises(ConversionError, match=f"missing tensor '{gone}'"):
+        convert_official({k: v for k, v in state.items() if k != gone}, model)
+    with pytest.raises(ConversionError, match="'head.weight' has shape"):
+        convert_official({**state, "head.weight": torch.empty(3, 3, device="meta")}, model)
+
+
+@needs_official
+def test_depth2_image_model_reproduces_official_reference():
+    ref = reference("var_image")
+    model = NextScaleAR(ARConfig(condition="image", depth=2, cond_drop=0.0)).eval()
+    state = {k: fill(k, p.shape) for k, p in model.named_parameters()}
+    model.load_state_dict({**model.state_dict(), **state}, strict=True)   # buffers: the zero k biases
+    cond = Condition(pooled=ref["pooler_output"], tokens=ref["dino_condition"])
+    with torch.no_grad():
+        cond_BD, k_v = model.embed_condition(cond)
+        x = torch.cat((model.start_tokens(cond_BD), model.word_embed(ref["x_BLCv_wo_first_l"])), 1) + model.positions()
+        assert rel_err(cond_BD, ref["cond_BD"]) <= 1e-5
+        assert rel_err(x, ref["x_embed"]) <= 1e-5
+        h0 = model.blocks[0](x, cond_BD, k_v[0], model.mask_LL)
+        assert rel_err(h0, ref["h_block0"]) <= 1e-5
+        h = model.blocks[1](h0, cond_BD, k_v[1], model.mask_LL)
+        assert rel_err(h, ref["h_final"]) <= 1e-5
+        logits = model(ref["x_BLCv_wo_first_l"], cond)
+    assert rel_err(logits[0, :, ref["cols"]], ref["logits_cols"][0]) <= 1e-5
+    assert rel_err(logits[0, ref["rows"]], ref["logits_rows"]) <= 1e-5
+    assert rel_err(logits.logsumexp(-1), ref["logsumexp"]) <= 1e-5
+    assert (logits.argmax(-1) == ref["argmax"]).float().mean() > 0.999
+
+
+# ---- model behaviour -------------------------------------------------------------------------
+
+def test_text_block_order_is_self_cross_ffn():
+    """The text block, recomposed by hand from its parts in the spec's order, gives its output exactly."""
+    model = tiny("text").eval()
+    b = model.blocks[0]
+    x = torch.randn(2, 9, 32)
+    cond_BD, k_v = model.embed_condition(condition())
+    g1, g2, s1, s2, b1, b2 = b.ada_lin(cond_BD).view(-1, 1, 6, 32).unbind(2)
+    with torch.no_grad():
+        h = x + b.attn(b.ln_wo_grad(x) * (1 + s1) + b1, None) * g1
+        h = h + b.cross_attn(b.prenorm_ca_dino(h), k_v[0])
+        h = h + b.ffn(b.ln_wo_grad(h) * (1 + s2) + b2) * g2
+        assert torch.equal(b(x, cond_BD, k_v[0], None), h)
+        # the image block runs cross-attention first: a different function of the same weights
+        b.cross = "first"
+        assert not torch.allclose(b(x, cond_BD, k_v[0], None), h)
+
+
+@pytest.mark.parametrize("kind", ["image", "text", "class"])
+def test_logits_of_a_scale_ignore_later_scales(kind):
+    model = tiny(kind).eval()
+    cond = Condition(labels=torch.tensor([1, 3])) if kind == "class" else condition()
+    x = teacher_input()
+    later = 3 * (1 + 4)            # scales 0 and 1 are the first 15 tokens; x holds scale 2 from index 12
+    y = x.clone()
+    y[:, 18:] += 1.0               # change part of scale 2's input
+    with torch.no_grad():
+        a, b = model(x, cond), model(y, cond)
+    assert torch.equal(a[:, :later], b[:, :later])
+    assert not torch.allclose(a[:, later:], b[:, later:])
+
+
+def test_gradients_reach_every_parameter_and_loss_falls():
+    model = tiny("text", drop_path=0.0)
+    x, cond = teacher_input(), condition()
+    target = torch.randint(0, V, (2, 3 * 21), generator=torch.Generator().manual_seed(4))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.cross_entropy(model(x, cond).flatten(0, 1), target.flatten())
+        opt.zero_grad()
+        loss.backward()
+        if not losses:
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("kind", ["image", "text", "class", "none"])
+def test_cached_sampling_equals_uncached(kind):
+    model, q = tiny(kind), quantizer()
+    if kind in ("class", "none"):
+        cond, u = Condition(labels=torch.tensor([0, 4])) if kind == "class" else Condition(), None
+    else:
+        cond, u = condition(), uncond()
+    kw = dict(batch=2, cfg=2.0, top_k=20, top_p=0.9, seed=7)
+    a = model.sample(q, cond, u, use_cache=True, **kw)
+    b = model.sample(q, cond, u, use_cache=False, **kw)
+    assert [t.shape for t in a] == [(6, 1), (6, 4), (6, 16)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_same_seed_same_object_and_eval_mode_always():
+    model, q = tiny("image", drop_path=0.5), quantizer()      # drop-path would randomise a training-mode model
+    model.train()
+    a = model.sample(q, condition(), uncond(), cfg=3.0, seed=11)
+    b = model.sample(q, condition(), uncond(), cfg=3.0, seed=11)
+    c = model.sample(q, condition(), uncond(), cfg=3.0, seed=12)
+    assert model.training
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_guidance_zero_is_the_conditional_model():
+    model, q = tiny("image"), quantizer()
+    guided = model.sample(q, condition(), uncond(), cfg=0.0, seed=5)      # doubled batch, t = 0
+    alone = model.sample(q, condition(), None, cfg=0.0, seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(guided, alone))
+    with pytest.raises(ValueError, match="unconditional embedding"):
+        model.sample(q, condition(), None, cfg=1.0)
+
+
+def test_first_scale_follows_the_conditional_logits():
+    """At scale 0 the ramp gives t = 0, so greedy sampling picks the argmax of the model's own
+    logits at the start tokens, whatever the guidance weight."""
+    model, q = tiny("class"), quantizer()
+    cond = Condition(labels=torch.tensor([2, 3]))
+    with torch.no_grad():
+        logits = model(teacher_input(), cond)[:, :3]
+    idx = model.sample(q, cond, cfg=5.0, top_k=1, seed=0)
+    assert torch.equal(idx[0].view(2, 3), logits.argmax(-1))
+
+
+def test_top_k_top_p():
+    logits = torch.tensor([[[0.0, 3.0, 1.0, 2.0]]]).repeat(1, 500, 1)
+    g = torch.Generator().manual_seed(0)
+    assert (sample_top_k_top_p(logits, top_k=1, generator=g) == 1).all()
+    assert (sample_top_k_top_p(logits, top_p=0.01, generator=g) == 1).all()
+    two = sample_top_k_top_p(logits, top_k=2, generator=g)
+    assert set(two.unique().tolist()) == {1, 3}
+    # top_p 0.9: the kept set is the smallest holding 90% of the mass = {3, 2, 1} here
+    p = logits[0, 0].softmax(-1)
+    assert p[[1, 3]].sum() < 0.9 < p[[1, 3, 2]].sum()
+    assert set(sample_top_k_top_p(logits, top_p=0.9, generator=g).unique().tolist()) == {1, 2, 3}
+
+
+def test_condition_dropout_is_independent_per_part():
+    model = tiny("image", cond_drop=0.5)
+    cond = condition(B=400)
+    out = model.drop_condition(cond, uncond(), generator=torch.Generator().manual_seed(0))
+    pooled_dropped = (out.pooled == 0).all(-1)
+    tokens_dropped = (out.tokens == 0.1).all(-1).all(-1)
+    assert 0.4 < pooled_dropped.float().mean() < 0.6 and 0.4 < tokens_dropped.float().mean() < 0.6
+    assert (pooled_dropped != tokens_dropped).any()
+    kept = ~pooled_dropped
+    assert torch.equal(out.pooled[kept], cond.pooled[kept])
+    labels = tiny("class", cond_drop=1.0).drop_condition(Condition(labels=torch.tensor([0, 1])), None)
+    assert labels.labels.tolist() == [5, 5]
+
+
+def test_save_load_round_trip_bit_exact(tmp_path):
+    model = tiny("text").eval()
+    save_model(tmp_path, model.state_dict(), to_dict(model.cfg), kind="ar")
+    loaded = load_ar(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(model(teacher_input(), condition()), loaded(teacher_input(), condition()))
+    with pytest.raises(CheckpointError, match="holds a 'ar' model, expected 'vqvae'"):
+        from models.vqvae import load_vqvae
+        load_vqvae(tmp_path)
+
+
+def test_bad_inputs_fail_clearly():
+    model = tiny("image")
+    with pytest.raises(ValueError, match="teacher-forcing input has 10 tokens, expected 60"):
+        model(torch.zeros(2, 10, CV), condition())
+    with pytest.raises(ValueError, match="needs Condition"):
+        model(teacher_input(), Condition(labels=torch.tensor([0, 1])))
+
+
+class _RunsACommand:
+    """An object whose unpickling would run a shell command (what a plain torch.load would do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_convert_script_reads_the_official_file_layout_without_running_its_objects(tmp_path, capsys):
+    import argparse
+    import yaml
+    from scripts.convert_official import main as convert_main
+    from utils.cli import run
+
+    model = tiny("text")
+    cfg = to_dict(model.cfg)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**cfg, "patch_nums": list(PN)}))
+    lvl, plane = model.lvl_1L, model.plane_1L
+    official = {**model.state_dict(), "lvl_1L": lvl.clone(), "plane_1L": plane.clone(),
+                "attn_bias_for_masking": torch.zeros(1, 1, 63, 63)}
+    marker = tmp_path / "ran"
+
+    def save(var_wo_ddp, name="text-condition-ckpt.pth"):
+        torch.save({"epoch": 3, "iter": 10, "args": argparse.Namespace(depth=2),
+                    "trainer": {"config": _RunsACommand(marker), "var_wo_ddp": var_wo_ddp,
+                                "vae_local": {}, "var_opt": {"lr": 1.0}}}, tmp_path / name)
+        return ["--kind", "ar-text", "--src", str(tmp_path / name), "--out", str(tmp_path / "out"),
+                "--config", str(tmp_path / "tiny.yaml")]
+
+    assert convert_main(save(official)) == 0
+    assert not marker.exists()
+    loaded = load_ar(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(loaded(teacher_input(), condition()), model.eval()(teacher_input(), condition()))
+
+    def fails(args):
+        with pytest.raises(SystemExit) as e:
+            run(lambda: convert_main(args))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err
+        return err
+
+    gone = {k: v for k, v in official.items() if k != "blocks.1.ffn.fc1.bias"}
+    assert "missing tensor 'blocks.1.ffn.fc1.bias'" in fails(save(gone))
+    assert "'lvl_1L' does not match" in fails(save({**official, "lvl_1L": torch.zeros_like(lvl)}))
+    torch.save(official, tmp_path / "raw.pth")
+    assert "expected the generator under trainer/var_wo_ddp" in fails(
+        ["--kind", "ar-text", "--src", str(tmp_path / "raw.pth"), "--out", str(tmp_path / "o2"),
+         "--config", str(tmp_path / "tiny.yaml")])
+    assert "needs a config with condition: image" in fails(
+        ["--kind", "ar-image", "--src", str(tmp_path / "raw.pth"), "--out", str(tmp_path / "o3"),
+         "--config", str(tmp_path / "tiny.yaml")])
+    assert not marker.exists()
