@@ -42,7 +42,7 @@ from losses.gan import PatchDiscriminator, hinge_d_loss, hinge_g_loss  # noqa: E
 from losses.perceptual import load_lpips, lpips_distance  # noqa: E402
 from models.vqvae import TriplaneVQVAE, VQVAEConfig  # noqa: E402
 from trainers import distributed  # noqa: E402
-from trainers.sampler import StepBatches, seeded_generator  # noqa: E402
+from trainers.sampler import IndexedDataset, StepBatches, seeded_generator  # noqa: E402
 from trainers.state import EMA, load_train_state, save_train_state  # noqa: E402
 from utils.cameras import crop_cameras  # noqa: E402
 from utils.checkpoint import save_model  # noqa: E402
@@ -110,20 +110,6 @@ class VQVAERunConfig(VQVAEConfig):
 def model_config(cfg: VQVAERunConfig) -> dict:
     """The model part of a run config: what config.json and the checkpoint metadata hold."""
     return {k: v for k, v in to_dict(cfg).items() if k != "train"}
-
-
-class IndexedDataset(torch.utils.data.Dataset):
-    """Takes the (global sample position, dataset index) pairs of StepBatches."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, item):
-        pos, i = item
-        return {**self.ds[i], "pos": pos}
 
 
 def collate(samples: list) -> dict:

@@ -46,6 +46,10 @@ CONDITION_FILES = {
     "image": {"tokens_and_pooled": "image_dino_embedding_lrm.npy"},  # (1 + T, D), row 0 pooled
     "text": {"tokens": "text_embedding_lrm_3dtopia.npy", "pooled": "text_pooler_output_lrm_3dtopia.npy"},
 }
+# The unconditional embeddings, once per dataset at its root (the official files/): token sequence
+# ((1 + T, D) for the image, row 0 pooled, as the per-object file; (77, D) for text) and pooled (D,).
+EMPTY_FILES = {"image": ("empty_dino_embedding.npy", "empty_dino_pooler_output.npy"),
+               "text": ("empty_text_embedding.npy", "empty_text_pooler_output.npy")}
 
 
 # ----------------------------------------------------------------------------- writing

@@ -16,6 +16,7 @@ of scales ≤ s.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -48,7 +49,7 @@ class ARConfig:
     c_vae: int = 8
     norm_eps: float = 1e-6
     init_adaln: float = 0.5
-    init_adaln_gamma: float = 1e-5
+    init_adaln_gamma: float = 1e-4           # the training scripts' --alng
     init_head: float = 0.02
 
     def __post_init__(self):
@@ -207,25 +208,23 @@ class NextScaleAR(nn.Module):
             x_BLC = block(x_BLC, cond_BD, kv, self.mask_LL)
         return self.logits(x_BLC, cond_BD)
 
-    def drop_condition(self, cond: Condition, uncond: Condition | None, generator=None) -> Condition:
-        """Classifier-free-guidance dropout: each row's pooled vector and token sequence (or class
-        label) is replaced by the unconditional one, independently, with probability cond_drop."""
+    def drop_condition(self, cond: Condition, uncond: Condition | None, u_B2: torch.Tensor) -> Condition:
+        """Classifier-free-guidance dropout. u_B2: two uniforms per row; the pooled vector (or class
+        label) of row b is replaced by the unconditional one when u[b, 0] < cond_drop, its token
+        sequence when u[b, 1] < cond_drop: independently, as the official."""
         p = self.cfg.cond_drop
         if p == 0 or self.cfg.condition == "none":
             return cond
+        drop = u_B2.to(self.pos_start.device) < p
         if self.cfg.condition == "class":
-            labels = cond.labels
-            drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
-            return cond._replace(labels=labels.masked_fill(drop, self.cfg.num_classes))
+            return cond._replace(labels=cond.labels.masked_fill(drop[:, 0], self.cfg.num_classes))
         if uncond is None:
             raise ValueError("condition dropout needs the unconditional embedding (the encoder's empty())")
         out = {}
-        for name in ("pooled", "tokens"):
+        for col, name in enumerate(("pooled", "tokens")):
             x, u = getattr(cond, name), getattr(uncond, name)
-            if x is None:
-                continue
-            drop = torch.rand(x.shape[0], generator=generator, device=x.device) < p
-            out[name] = torch.where(drop.view(-1, *[1] * (x.dim() - 1)), u.to(x).expand_as(x), x)
+            if x is not None:
+                out[name] = torch.where(drop[:, col].view(-1, *[1] * (x.dim() - 1)), u.to(x).expand_as(x), x)
         return cond._replace(**out)
 
     # ---- sampling ---------------------------------------------------------------------------
@@ -242,7 +241,8 @@ class NextScaleAR(nn.Module):
     @torch.no_grad()
     def sample(self, quantizer, cond: Condition, uncond: Condition | None = None, *, batch: int | None = None,
                cfg: float = 4.0, top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0,
-               seed: int | None = None, generator: torch.Generator | None = None, use_cache: bool = True) -> list:
+               seed: int | None = None, generator: torch.Generator | None = None, use_cache: bool = True,
+               scale_seconds: list | None = None) -> list:
         """Sample token ids scale by scale, always in eval mode.
 
         quantizer: the VQVAE's TriplaneQuantizer (builds each next scale's input).
@@ -251,6 +251,7 @@ class NextScaleAR(nn.Module):
             uncond given (or implicit for class/none), the batch is doubled even at cfg 0.
         seed or generator: the sampling randomness (a seed builds a generator on the model's device).
         use_cache: keep self-attention keys/values (True), or rerun the whole prefix at every scale.
+        scale_seconds: a list that receives the wall time of each scale (benchmarks).
         Returns idx per scale, each (B·3, pn²), rows 3b+p: `vqvae.decode_tokens(idx)` decodes them.
         """
         device = self.pos_start.device
@@ -270,12 +271,14 @@ class NextScaleAR(nn.Module):
         self.eval()
         try:
             return self._sample_loop(quantizer, cond, B, guided, cfg, top_k, top_p, temperature, generator,
-                                     use_cache)
+                                     use_cache, scale_seconds)
         finally:
             self.train(was_training)
 
-    def _sample_loop(self, quantizer, cond, B, guided, cfg, top_k, top_p, temperature, generator, use_cache):
+    def _sample_loop(self, quantizer, cond, B, guided, cfg, top_k, top_p, temperature, generator, use_cache,
+                     scale_seconds):
         pn_list, S = self.cfg.patch_nums, len(self.cfg.patch_nums)
+        tick = time.perf_counter()
         cond_BD, k_v = self.embed_condition(cond)
         pos = self.positions()
         cache = KVCache() if use_cache else None
@@ -305,6 +308,11 @@ class NextScaleAR(nn.Module):
             idx_out.append(idx_planes)
             f_hat, nxt = quantizer.next_autoregressive_input(si, f_hat, quantizer.lookup(idx_planes))
             cur += n
+            if scale_seconds is not None:
+                if f_hat.is_cuda:
+                    torch.cuda.synchronize()
+                scale_seconds.append(time.perf_counter() - tick)
+                tick = time.perf_counter()
             if si == S - 1:
                 break
             m = NUM_PLANES * pn_list[si + 1] ** 2

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.gbuffer import (CONDITION_FILES, TOKEN_FILES, GBufferDataset, encoder_views,  # noqa: E402
+from datasets.gbuffer import (CONDITION_FILES, EMPTY_FILES, TOKEN_FILES, GBufferDataset, encoder_views,  # noqa: E402
                               input_view_sets, read_text)
 from models.conditioners import DEFAULT_SOURCES, load_conditioner  # noqa: E402
 from models.vqvae import load_vqvae  # noqa: E402
@@ -148,6 +148,15 @@ def write_batch(batch: list, vqvae, image_enc, text_enc, device):
             save_npy(b["dir"] / CONDITION_FILES["text"]["pooled"], p)
 
 
+def write_empty(root: Path, kind: str, enc) -> None:
+    """The encoder's unconditional embedding at the dataset root, under the official names
+    (EMPTY_FILES), for the generator's guidance dropout."""
+    tokens, pooled = (x.cpu().numpy().astype(np.float32) for x in enc.empty())
+    seq_name, pooled_name = EMPTY_FILES[kind]
+    save_npy(root / seq_name, np.concatenate([pooled[None], tokens]) if kind == "image" else tokens)
+    save_npy(root / pooled_name, pooled)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", required=True, type=Path, help="G-buffer dataset root (with dataset.json)")
@@ -180,6 +189,9 @@ def main(argv=None):
     cfg, needed = vqvae.cfg, set().union(*(needs for _, needs in jobs))
     image_enc = load_conditioner("image", args.image_encoder, args.device) if "image" in needed else None
     text_enc = load_conditioner("text", args.text_encoder, args.device) if "text" in needed else None
+    for kind, enc in (("image", image_enc), ("text", text_enc)):
+        if enc is not None:
+            write_empty(args.data_dir, kind, enc)
     res = cfg.input_size
 
     loader = torch.utils.data.DataLoader(Pending(dataset, jobs, cfg.encoder.num_views, res), batch_size=args.batch_size,

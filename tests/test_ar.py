@@ -196,14 +196,15 @@ def test_top_k_top_p():
 def test_condition_dropout_is_independent_per_part():
     model = tiny("image", cond_drop=0.5)
     cond = condition(B=400)
-    out = model.drop_condition(cond, uncond(), generator=torch.Generator().manual_seed(0))
+    out = model.drop_condition(cond, uncond(), torch.rand(400, 2, generator=torch.Generator().manual_seed(0)))
     pooled_dropped = (out.pooled == 0).all(-1)
     tokens_dropped = (out.tokens == 0.1).all(-1).all(-1)
     assert 0.4 < pooled_dropped.float().mean() < 0.6 and 0.4 < tokens_dropped.float().mean() < 0.6
     assert (pooled_dropped != tokens_dropped).any()
     kept = ~pooled_dropped
     assert torch.equal(out.pooled[kept], cond.pooled[kept])
-    labels = tiny("class", cond_drop=1.0).drop_condition(Condition(labels=torch.tensor([0, 1])), None)
+    labels = tiny("class", cond_drop=1.0).drop_condition(Condition(labels=torch.tensor([0, 1])), None,
+                                                         torch.rand(2, 2))
     assert labels.labels.tolist() == [5, 5]
 
 

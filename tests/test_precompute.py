@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.gbuffer import CONDITION_FILES, TOKEN_FILES, GBufferDataset, encoder_input, input_view_sets
+from datasets.gbuffer import CONDITION_FILES, EMPTY_FILES, TOKEN_FILES, GBufferDataset, encoder_input, input_view_sets
 from models.conditioners import load_conditioner
 from models.vqvae import TriplaneVQVAE, VQVAEConfig
 from scripts.precompute import main
@@ -102,6 +102,13 @@ def test_precompute_writes_the_official_files_in_the_ar_order(data, encoders, tm
         assert torch.equal(r["cond_tokens"], torch.from_numpy(emb[1:])) and r["cond_pooled"].shape == (DINO_DIM,)
         r = texts[i]
         assert r["cond_tokens"].shape == (77, CLIP_DIM) and torch.equal(r["cond_pooled"], torch.from_numpy(t_pool))
+
+    # The unconditional embeddings at the root, as the official files/: image [pooled; tokens].
+    for kind, cond in (("image", image_cond), ("text", text_cond)):
+        tok, pool = (x.numpy() for x in cond.empty())
+        seq, pooled = (np.load(data / name) for name in EMPTY_FILES[kind])
+        assert np.allclose(seq, np.concatenate([pool[None], tok]) if kind == "image" else tok, atol=1e-5)
+        assert np.allclose(pooled, pool, atol=1e-5)
 
 
 def test_precompute_resumes_and_overwrites(data, encoders, tmp_path, capsys, caplog):

@@ -49,3 +49,18 @@ class StepBatches(torch.utils.data.Sampler):
         if self.num_steps is None:
             raise TypeError("endless sampler")
         return self.num_steps
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """Wraps a dataset for StepBatches: takes its (global sample position, dataset index) pairs and
+    returns the item with its position as "pos" (which seeds that sample's random choices)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, item):
+        pos, i = item
+        return {**self.ds[i], "pos": pos}

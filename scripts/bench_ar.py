@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Sampling speed of the generator, with and without the KV cache.
+
+    python scripts/bench_ar.py --config configs/ar/paper_image.yaml --batch 1
+    python scripts/bench_ar.py --config configs/ar/paper_text.yaml --device cuda --batch 1,8,32 --json bench.json
+
+The model and the quantizer are built from the config with random weights (speed does not depend
+on the values); conditions are random tensors of the encoder's shape (256 DINOv2 tokens, 77 CLIP
+tokens), guidance on (the batch is doubled) as in sampling. Prints one row per (batch, cache):
+total seconds, tokens per second (B·L / seconds), peak memory (CUDA: allocated by torch; CPU: the
+process's peak resident size so far) and the time of each scale.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from models.ar import ARConfig, Condition, NextScaleAR  # noqa: E402
+from models.quantizer import TriplaneQuantizer  # noqa: E402
+from utils.cli import run  # noqa: E402
+from utils.config import load_config  # noqa: E402
+
+SEQ_LEN = {"image": 256, "text": 77}
+
+
+def peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # kB on Linux
+
+
+def conditions(cfg: ARConfig, B: int, device) -> tuple:
+    if cfg.condition == "class":
+        return Condition(labels=torch.zeros(B, dtype=torch.long, device=device)), None
+    if cfg.condition == "none":
+        return Condition(), None
+    T = SEQ_LEN[cfg.condition]
+    g = torch.Generator().manual_seed(0)
+    cond = Condition(pooled=torch.randn(B, cfg.pooled_dim, generator=g).to(device),
+                     tokens=torch.randn(B, T, cfg.seq_dim, generator=g).to(device))
+    return cond, Condition(pooled=torch.zeros(cfg.pooled_dim, device=device),
+                           tokens=torch.zeros(T, cfg.seq_dim, device=device))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, type=Path, help="generator config (configs/ar/*.yaml)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--batch", default="1", help="comma-separated batch sizes")
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per row")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is visible")
+    device = torch.device(args.device)
+    cfg = load_config(ARConfig, args.config)
+    torch.manual_seed(0)
+    model = NextScaleAR(cfg).to(device).eval()
+    quant = TriplaneQuantizer(cfg.vocab_size, cfg.c_vae, cfg.patch_nums, official_quirks=False).to(device).eval()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    rows = []
+    print(f"{args.config.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"{cfg.seq_len} tokens, {len(cfg.patch_nums)} scales, device {device}, "
+          f"{'bf16' if args.bf16 else 'fp32'}, {torch.get_num_threads()} CPU threads")
+    print(f"{'batch':>5} {'cache':>5} {'seconds':>9} {'tokens/s':>9} {'peak MB':>9}  per scale (ms)")
+    for B in (int(b) for b in args.batch.split(",")):
+        cond, uncond = conditions(cfg, B, device)
+        for cache in (True, False):
+            times = []
+            for r in range(args.warmup + args.repeats):
+                per_scale = []
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats(device)
+                t0 = time.perf_counter()
+                with autocast:
+                    model.sample(quant, cond, uncond, batch=B, cfg=4.0, top_k=10, top_p=0.5, seed=r,
+                                 use_cache=cache, scale_seconds=per_scale)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if r >= args.warmup:
+                    times.append((time.perf_counter() - t0, per_scale))
+            seconds = sum(t for t, _ in times) / len(times)
+            scales = [sum(t[1][i] for t in times) / len(times) for i in range(len(cfg.patch_nums))]
+            row = dict(config=args.config.name, device=str(device), dtype="bf16" if args.bf16 else "fp32",
+                       batch=B, cache=cache, seconds=seconds, tokens_per_s=B * cfg.seq_len / seconds,
+                       peak_mem_mb=peak_mem_mb(device), scale_ms=[1000 * s for s in scales])
+            rows.append(row)
+            print(f"{B:>5} {str(cache):>5} {seconds:>9.3f} {row['tokens_per_s']:>9.1f} {row['peak_mem_mb']:>9.0f}  "
+                  + " ".join(f"{ms:.0f}" for ms in row["scale_ms"]))
+        with_c, without = rows[-2]["seconds"], rows[-1]["seconds"]
+        print(f"      batch {B}: the cache is {without / with_c:.2f}x faster")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
