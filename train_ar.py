@@ -20,8 +20,9 @@ The config is a generator config (configs/ar/*.yaml) with an optional `train:` s
 without decay on 1-D parameters and embeddings of positions and levels, warm-up then linear decay
 to 0.1x, gradient clip 2, token-mean cross-entropy). `--out-dir` always holds the latest
 model.safetensors + config.json and train_state/ for an exact --resume; TensorBoard logs go to
-OUT/tb, every step's loss and token accuracy to OUT/train_log.jsonl, and every `sample_every`
-steps renders of sampled objects to OUT/samples/step_N.png.
+OUT/tb, every step's loss and token accuracy to OUT/train_log.jsonl, the held-out loss and token
+accuracy every `eval_every` steps to OUT/metrics.jsonl, and every `sample_every` steps renders of
+sampled objects to OUT/samples/step_N.png.
 """
 from __future__ import annotations
 
@@ -49,11 +50,12 @@ from datasets.gbuffer import EMPTY_FILES, GBufferDataset  # noqa: E402
 from models.ar import ARConfig, Condition, NextScaleAR  # noqa: E402
 from models.vqvae import load_vqvae  # noqa: E402
 from trainers import distributed  # noqa: E402
+from trainers.cli import add_run_args, load_run_config  # noqa: E402
 from trainers.sampler import IndexedDataset, StepBatches, seeded_generator  # noqa: E402
 from trainers.state import load_train_state, save_train_state  # noqa: E402
 from utils.checkpoint import save_model  # noqa: E402
 from utils.cli import run  # noqa: E402
-from utils.config import from_dict, load_config, to_dict  # noqa: E402
+from utils.config import to_dict  # noqa: E402
 
 log = logging.getLogger("train_ar")
 
@@ -80,6 +82,7 @@ class TrainConfig:
     num_workers: int = 2
     log_every: int = 10
     save_every: int = 500
+    eval_every: int = 500            # held-out loss and token accuracy (0: never)
     sample_every: int = 500          # renders of sampled held-out conditions (0: never)
     sample_objects: int = 4
     sample_cfg: float = 4.0
@@ -150,24 +153,38 @@ def batch_condition(cfg: ARConfig, mb: dict, device) -> Condition:
 @torch.no_grad()
 def render_samples(model: NextScaleAR, vqvae, ds: GBufferDataset, cfg: ARRunConfig, uncond, device) -> torch.Tensor:
     """Objects sampled for the first conditions of `ds` (held out, or the training set with no
-    holdout), 4 views each, under the same views of
-    their ground-truth tokens decoded: (3, 2·objects·R, 4·R), per object a truth row over a sample row."""
+    holdout), 4 views each, under the same views of their ground-truth tokens decoded:
+    (3, 2·objects·R, 4·R), per object a truth row over a sample row."""
     t, rows = cfg.train, []
+    cams = torch.from_numpy(camera_rig(RenderConfig(), views=4)).to(device)
     for i in range(min(t.sample_objects, len(ds))):
-        s = ds[i]
-        mb = {k: v[None] if torch.is_tensor(v) else torch.tensor([v]) for k, v in s.items()
-              if k in ("gt_BL", "cond_tokens", "cond_pooled", "category")}
-        mb["labels"], mb["pos"] = mb.pop("category"), torch.tensor([i])
+        mb = collate([{**ds[i], "pos": i}])
         idx = model.sample(vqvae.quantizer, batch_condition(cfg, mb, device), uncond, cfg=t.sample_cfg,
                            top_k=t.sample_top_k, top_p=t.sample_top_p, seed=i)
-        truth = sequence_to_scales(s["gt_BL"][None].to(device), cfg.patch_nums)
-        cams = torch.from_numpy(camera_rig(RenderConfig(), views=4)).to(device)
+        truth = sequence_to_scales(mb["gt_BL"].to(device), cfg.patch_nums)
         row = []
         for ids in (truth, idx):
             img = vqvae.render(vqvae.decode_tokens(ids), cams, deterministic=True)["image_raw"]
             row.append(torch.cat(list(((img + 1) / 2).clamp(0, 1)), -1))
         rows.append(torch.cat(row, -2))
     return torch.cat(rows, -2).cpu()
+
+
+@torch.no_grad()
+def evaluate(model: NextScaleAR, ds: GBufferDataset, cfg: ARRunConfig, device, batch_size: int = 16) -> dict:
+    """Token-mean cross-entropy and accuracy of teacher forcing on `ds`, eval mode, no condition
+    dropout: the held-out curve that tells learning from memorising."""
+    model.eval()
+    total = {"loss": 0.0, "acc": 0.0}
+    for start in range(0, len(ds), batch_size):
+        mb = collate([{**ds[i], "pos": i} for i in range(start, min(start + batch_size, len(ds)))])
+        logits = model(mb["x_BLCv"].to(device), batch_condition(cfg, mb, device)).float()
+        gt = mb["gt_BL"].to(device)
+        n = len(mb["pos"]) / len(ds)
+        total["loss"] += F.cross_entropy(logits.flatten(0, 1), gt.flatten()).item() * n
+        total["acc"] += (logits.argmax(-1) == gt).float().mean().item() * n
+    model.train()
+    return total
 
 
 def sequence_to_scales(gt_BL: torch.Tensor, patch_nums) -> list:
@@ -208,14 +225,14 @@ def train(cfg: ARRunConfig, data_dir: Path, vqvae_dir: Path | None, out_dir: Pat
         log.info("resumed from step %d", step)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if d.enabled else model
-    vqvae = val_ds = None
+    vqvae = None
+    val_ds = GBufferDataset(data_dir, split="val", holdout=t.holdout, mode="tokens", condition=condition) \
+        if t.holdout > 0 else None
     if d.is_main and t.sample_every > 0 and vqvae_dir is not None:
         vqvae = load_vqvae(vqvae_dir, device)
         if vqvae.quantizer.patch_nums != cfg.patch_nums or vqvae.quantizer.vocab_size != cfg.vocab_size:
             raise ValueError(f"{vqvae_dir}: its quantizer (patch_nums {vqvae.quantizer.patch_nums}, vocabulary "
                              f"{vqvae.quantizer.vocab_size}) does not match the generator config")
-        val_ds = GBufferDataset(data_dir, split="val", holdout=t.holdout, mode="tokens", condition=condition) \
-            if t.holdout > 0 else train_ds
 
     end = t.max_steps if stop_at is None else min(stop_at, t.max_steps)
     sampler = StepBatches(len(train_ds), t.batch_size, t.seed, step, d.rank, d.world_size, max(end - step, 0))
@@ -270,8 +287,16 @@ def train(cfg: ARRunConfig, data_dir: Path, vqvae_dir: Path | None, out_dir: Pat
                 for k, v in logs.items():
                     writer.add_scalar(f"train/{k}", v, step)
                 writer.add_scalar("train/objects_per_s", t.batch_size * len(history) / (time.time() - t0), step)
-            if vqvae is not None and (step % t.sample_every == 0 or step == t.max_steps):
-                grid = render_samples(model, vqvae, val_ds, cfg, uncond, device)
+            if val_ds is not None and t.eval_every > 0 and (step % t.eval_every == 0 or step == end):
+                val = evaluate(model, val_ds, cfg, device)
+                for k, v in val.items():
+                    writer.add_scalar(f"val/{k}", v, step)
+                with open(out_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in val.items()},
+                                        "train_loss": logs["loss"], "minutes": (time.time() - t0) / 60}) + "\n")
+                bar.write(f"step {step}: held-out loss {val['loss']:.3f}, token accuracy {val['acc']:.3f}")
+            if vqvae is not None and (step % t.sample_every == 0 or step == end):
+                grid = render_samples(model, vqvae, val_ds or train_ds, cfg, uncond, device)
                 writer.add_image("samples/truth_over_sample", grid, step)
                 (out_dir / "samples").mkdir(exist_ok=True)
                 save_png(grid, out_dir / "samples" / f"step_{step:07d}.png")
@@ -300,28 +325,11 @@ def main(argv=None):
     ap.add_argument("--config", required=True, type=Path, help="generator config with an optional train: section")
     ap.add_argument("--data-dir", required=True, type=Path, help="G-buffer dataset root with precomputed tokens")
     ap.add_argument("--vqvae", type=Path, help="the VQVAE that made the tokens (for the sample renders)")
-    ap.add_argument("--out-dir", required=True, type=Path)
-    ap.add_argument("--max-steps", type=int, help="train until this step (overrides train.max_steps)")
-    ap.add_argument("--batch-size", type=int, help="objects per step, all processes (overrides train.batch_size)")
-    ap.add_argument("--resume", action="store_true", help="continue from OUT/train_state")
+    add_run_args(ap, "train.lr=3e-4 or depth=4")
     ap.add_argument("--stop-at", type=int, help="save and stop at this step; the schedule still spans max-steps, "
                     "so a --resume continues the same run (for time-limited jobs)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override, e.g. train.lr=3e-4 or depth=4")
     args = ap.parse_args(argv)
-    overrides = list(args.set)
-    if args.max_steps is not None:
-        overrides.append(f"train.max_steps={args.max_steps}")
-    if args.batch_size is not None:
-        overrides.append(f"train.batch_size={args.batch_size}")
-    cfg = load_config(ARRunConfig, args.config, overrides)
-    if args.resume:
-        saved = args.out_dir / "train_state" / "state.json"
-        if saved.is_file() and model_config(from_dict(ARRunConfig, json.loads(saved.read_text())["config"])) \
-                != model_config(cfg):
-            raise ValueError(f"--resume: the model config differs from the one {args.out_dir} was trained with")
-    elif (args.out_dir / "train_state").exists():
-        raise ValueError(f"{args.out_dir} already holds a run: pass --resume to continue it, or another --out-dir")
+    cfg = load_run_config(ARRunConfig, args, model_config)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     train(cfg, args.data_dir, args.vqvae, args.out_dir, args.resume, args.stop_at)
     return 0

@@ -42,12 +42,13 @@ from losses.gan import PatchDiscriminator, hinge_d_loss, hinge_g_loss  # noqa: E
 from losses.perceptual import load_lpips, lpips_distance  # noqa: E402
 from models.vqvae import TriplaneVQVAE, VQVAEConfig  # noqa: E402
 from trainers import distributed  # noqa: E402
+from trainers.cli import add_run_args, load_run_config  # noqa: E402
 from trainers.sampler import IndexedDataset, StepBatches, seeded_generator  # noqa: E402
 from trainers.state import EMA, load_train_state, save_train_state  # noqa: E402
 from utils.cameras import crop_cameras  # noqa: E402
 from utils.checkpoint import save_model  # noqa: E402
 from utils.cli import run  # noqa: E402
-from utils.config import from_dict, load_config, to_dict  # noqa: E402
+from utils.config import to_dict  # noqa: E402
 from utils.metrics import psnr  # noqa: E402
 
 log = logging.getLogger("train_vqvae")
@@ -387,26 +388,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, type=Path, help="model config with an optional train: section")
     ap.add_argument("--data-dir", required=True, type=Path, help="G-buffer dataset root (with dataset.json)")
-    ap.add_argument("--out-dir", required=True, type=Path)
-    ap.add_argument("--max-steps", type=int, help="train until this step (overrides train.max_steps)")
-    ap.add_argument("--batch-size", type=int, help="objects per step, all processes (overrides train.batch_size)")
-    ap.add_argument("--resume", action="store_true", help="continue from OUT/train_state")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override, e.g. train.patch_size=32")
+    add_run_args(ap, "train.patch_size=32")
     args = ap.parse_args(argv)
-    overrides = list(args.set)
-    if args.max_steps is not None:
-        overrides.append(f"train.max_steps={args.max_steps}")
-    if args.batch_size is not None:
-        overrides.append(f"train.batch_size={args.batch_size}")
-    cfg = load_config(VQVAERunConfig, args.config, overrides)
-    if args.resume:
-        saved = args.out_dir / "train_state" / "state.json"
-        if saved.is_file() and model_config(from_dict(VQVAERunConfig, json.loads(saved.read_text())["config"])) \
-                != model_config(cfg):
-            raise ValueError(f"--resume: the model config differs from the one {args.out_dir} was trained with")
-    elif (args.out_dir / "train_state").exists():
-        raise ValueError(f"{args.out_dir} already holds a run: pass --resume to continue it, or another --out-dir")
+    cfg = load_run_config(VQVAERunConfig, args, model_config)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     train(cfg, args.data_dir, args.out_dir, args.resume)
     return 0

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from models.ar_blocks import AdaLNBeforeHead, ARBlock, KVCache
-from utils.checkpoint import CheckpointError, ConversionError, load_model, map_official_state
+from utils.checkpoint import ConversionError, load_built, map_official_state
 from utils.config import ConfigError, from_dict
 
 NUM_PLANES = 3
@@ -248,7 +248,8 @@ class NextScaleAR(nn.Module):
         quantizer: the VQVAE's TriplaneQuantizer (builds each next scale's input).
         cond: batch B conditions (class/none models may pass batch= instead).
         cfg: guidance weight, ramped as t = cfg·s/(S-1): logits = (1+t)·cond - t·uncond. With
-            uncond given (or implicit for class/none), the batch is doubled even at cfg 0.
+            uncond given (implicit for class models), the batch is doubled even at cfg 0; a
+            model with no condition samples unguided.
         seed or generator: the sampling randomness (a seed builds a generator on the model's device).
         use_cache: keep self-attention keys/values (True), or rerun the whole prefix at every scale.
         scale_seconds: a list that receives the wall time of each scale (benchmarks).
@@ -328,18 +329,7 @@ class NextScaleAR(nn.Module):
 
 def load_ar(ckpt, device="cpu") -> NextScaleAR:
     """A NextScaleAR from our checkpoint folder, strictly loaded, in eval mode."""
-    state, cfg, _ = load_model(ckpt, "ar")
-    try:
-        model = NextScaleAR(from_dict(ARConfig, cfg))
-    except (ConfigError, ValueError) as e:
-        raise CheckpointError(f"{ckpt}: its config does not build a generator ({e})") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        lines = str(e).strip().splitlines()
-        raise CheckpointError(f"{ckpt}: weights do not match the config stored with them "
-                              f"({lines[1].strip() if len(lines) > 1 else lines[0]})") from None
-    return model.to(device).eval()
+    return load_built(ckpt, "ar", lambda cfg: NextScaleAR(from_dict(ARConfig, cfg)), device)
 
 
 # Official buffers we rebuild from patch_nums rather than load.

@@ -25,8 +25,8 @@ from models.quantizer import TriplaneQuantizer
 from models.triplane_decoder import TriplaneDecoder, TriplaneDecoderConfig, official_to_ours
 from renderers.flexicubes import FlexiCubesConfig, FlexiCubesRenderer
 from renderers.nerf import NeRFConfig, NeRFRenderer
-from utils.checkpoint import CheckpointError, load_model, map_official_state
-from utils.config import ConfigError, from_dict
+from utils.checkpoint import load_built, map_official_state
+from utils.config import from_dict
 
 
 @dataclass
@@ -115,18 +115,7 @@ class TriplaneVQVAE(nn.Module):
 def load_vqvae(ckpt, device="cpu") -> TriplaneVQVAE:
     """A TriplaneVQVAE from our checkpoint folder (model.safetensors + config.json), strictly
     loaded, in eval mode. Raises CheckpointError naming the checkpoint on any mismatch."""
-    state, cfg, _ = load_model(ckpt, "vqvae")
-    try:
-        model = TriplaneVQVAE(from_dict(VQVAEConfig, cfg))
-    except (ConfigError, ValueError) as e:
-        raise CheckpointError(f"{ckpt}: its config does not build a VQVAE ({e})") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise CheckpointError(f"{ckpt}: weights do not match the config stored with them "
-                              f"({first[1].strip() if len(first) > 1 else first[0]})") from None
-    return model.to(device).eval()
+    return load_built(ckpt, "vqvae", lambda cfg: TriplaneVQVAE(from_dict(VQVAEConfig, cfg)), device)
 
 
 # ----------------------------------------------------------------------------- official weights

@@ -214,6 +214,10 @@ def test_save_load_round_trip_bit_exact(tmp_path):
     loaded = load_ar(tmp_path)
     with torch.no_grad():
         assert torch.equal(model(teacher_input(), condition()), loaded(teacher_input(), condition()))
+    state = model.state_dict()
+    save_model(tmp_path / "bad", {k: v for k, v in state.items() if k != "head.bias"}, to_dict(model.cfg), kind="ar")
+    with pytest.raises(CheckpointError, match="weights do not match the config stored with them"):
+        load_ar(tmp_path / "bad")
     with pytest.raises(CheckpointError, match="holds a 'ar' model, expected 'vqvae'"):
         from models.vqvae import load_vqvae
         load_vqvae(tmp_path)
@@ -283,3 +287,16 @@ def test_convert_script_reads_the_official_file_layout_without_running_its_objec
         ["--kind", "ar-image", "--src", str(tmp_path / "raw.pth"), "--out", str(tmp_path / "o3"),
          "--config", str(tmp_path / "tiny.yaml")])
     assert not marker.exists()
+
+
+def test_bench_ar_writes_one_row_per_batch_and_cache(tmp_path, capsys):
+    import json
+    from pathlib import Path
+    from scripts.bench_ar import main as bench
+    config = Path(__file__).resolve().parents[1] / "configs/ar/tiny_text.yaml"
+    assert bench(["--config", str(config), "--batch", "1,2", "--warmup", "0", "--json", str(tmp_path / "b.json")]) == 0
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert [(r["batch"], r["cache"]) for r in rows] == [(1, True), (1, False), (2, True), (2, False)]
+    assert all(r["seconds"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 and len(r["scale_ms"]) == 6
+               for r in rows)
+    assert "the cache is" in capsys.readouterr().out

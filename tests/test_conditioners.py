@@ -7,6 +7,7 @@ from PIL import Image
 
 import models.conditioners as conditioners
 from models.conditioners import EncoderUnavailable, dino_preprocess, load_conditioner
+from scripts.make_random_clip import char_vocab, save_random_clip
 
 DINO_DIM, CLIP_DIM = 32, 16
 
@@ -20,27 +21,9 @@ def save_tiny_dino(path):
     return path
 
 
-def tiny_clip_vocab() -> dict:
-    """A byte-level BPE vocabulary with no merges: every character is a token, '</w>' ends a word."""
-    from tokenizers import pre_tokenizers
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-        vocab[ch + "</w>"] = len(vocab)
-    return vocab
-
-
 def save_tiny_clip(path, with_tokenizer: bool = True):
-    """A 1-layer random CLIP text model (width 16, 77 positions) and its tokenizer in `path`."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    vocab = tiny_clip_vocab()
-    torch.manual_seed(0)
-    CLIPTextModel(CLIPTextConfig(hidden_size=CLIP_DIM, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                                 pad_token_id=1)).save_pretrained(path)
-    if with_tokenizer:
-        CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77).save_pretrained(path)
-    return path
+    """A 1-layer random CLIP text model (width 16, 77 positions) and its character tokenizer in `path`."""
+    return save_random_clip(path, width=CLIP_DIM, layers=1, heads=2, with_tokenizer=with_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +88,7 @@ def test_clip_conditioner_shapes_padding_and_empty(clip_dir):
     tokens, pooled = cond.encode(["ab", "x" * 200])              # the long one is truncated to 77
     assert tokens.shape == (2, 77, CLIP_DIM) and pooled.shape == (2, CLIP_DIM)
     # Token ids written out by hand: <start> a b</w> <end>, padded with <end> to 77, no mask.
-    vocab = tiny_clip_vocab()
+    vocab = char_vocab()
     ids = torch.tensor([[0, vocab["a"], vocab["b</w>"]] + [1] * 74])
     with torch.no_grad():
         ref = cond.model(input_ids=ids)

@@ -14,9 +14,11 @@ from models.ar import NextScaleAR, load_ar
 from scripts.precompute import main as precompute
 from tests.test_conditioners import CLIP_DIM, save_tiny_clip
 from tests.test_precompute import TINY32, _save_vqvae
-from train_ar import TrainConfig, lr_factor, main, param_groups
+from datasets.gbuffer import GBufferDataset
+from train_ar import ARRunConfig, TrainConfig, evaluate, lr_factor, main, param_groups
 from utils.checkpoint import load_model
 from utils.cli import run
+from utils.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # The tiny generator over the tiny VQVAE's tokens: (1, 2, 4, 8) scales, vocabulary and code width of TINY32.
@@ -71,6 +73,12 @@ def test_the_loss_falls_and_the_accuracy_rises(tokens, tmp_path):
     assert sum(r["acc"] for r in log[-5:]) > sum(r["acc"] for r in log[:5]) + 0.1
     model = load_ar(tmp_path / "run")
     assert isinstance(model, NextScaleAR) and model.cfg.condition == "text"
+    # the held-out evaluation, here on the training objects: the trained model beats a fresh one
+    cfg = load_config(ARRunConfig, ROOT / "configs/ar/tiny_text.yaml", MODEL)
+    ds = GBufferDataset(data, split="all", mode="tokens", condition="text")
+    torch.manual_seed(0)
+    trained, fresh = evaluate(model, ds, cfg, "cpu", batch_size=3), evaluate(NextScaleAR(cfg), ds, cfg, "cpu")
+    assert trained["loss"] < 0.7 * fresh["loss"] and trained["acc"] > fresh["acc"] + 0.1
 
 
 def test_sample_renders_are_written(tokens, tmp_path):

@@ -67,6 +67,24 @@ def load_model(path, kind: str | None = None):
     return state, json.loads(meta["config"]), meta["kind"]
 
 
+def load_built(ckpt, kind: str, build, device="cpu"):
+    """A model from our checkpoint folder: `build(config dict)` makes it, the weights load
+    strictly, and it comes back in eval mode on `device`. Any mismatch is a CheckpointError
+    naming the checkpoint."""
+    state, cfg, _ = load_model(ckpt, kind)
+    try:
+        model = build(cfg)
+    except ValueError as e:                     # ConfigError included
+        raise CheckpointError(f"{ckpt}: its config does not build a {kind} model ({e})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        raise CheckpointError(f"{ckpt}: weights do not match the config stored with them "
+                              f"({lines[1].strip() if len(lines) > 1 else lines[0]})") from None
+    return model.to(device).eval()
+
+
 def map_official_state(state: dict, ours: dict, to_ours, to_official, dropped=()) -> dict:
     """Official state dict -> ours, checked tensor by tensor: every official key not in `dropped`
     must map (to_ours) to one of ours with the same shape, and every one of ours must be filled.
