@@ -15,6 +15,11 @@ CONDITION_FILES), what GBufferDataset(mode="tokens") reads back:
 | image_dino_embedding_lrm.npy | (257, 1024) float32 | [pooled; 256 patch tokens] of view (id % 4) + 1 |
 | text_embedding_lrm_3dtopia.npy, text_pooler_output_lrm_3dtopia.npy | (77, 768), (768,) | caption |
 
+With an encoder, its unconditional embedding (a white image, the empty prompt) also goes to the
+dataset root as the official files/ have it: empty_dino_embedding.npy (257, 1024) and
+empty_dino_pooler_output.npy (1024,), or empty_text_embedding.npy (77, 768) and
+empty_text_pooler_output.npy (768,); train_ar.py reads them for its condition dropout.
+
 Both token files are ordered per scale as [plane 0 | plane 1 | plane 2], the AR sequence order:
 gt_BL has 3·Σpn² ids, x_BLCv one row per token of scales 1.. (3·(Σpn² − pn0²) rows). The image
 files are written with --image-encoder, the text files with --text-encoder (a flag alone means

@@ -256,14 +256,16 @@ def test_convert_script_reads_the_official_file_layout_without_running_its_objec
                 "attn_bias_for_masking": torch.zeros(1, 1, 63, 63)}
     marker = tmp_path / "ran"
 
-    def save(var_wo_ddp, name="text-condition-ckpt.pth"):
+    def save(var_wo_ddp, name="text-condition-ckpt.pth", legacy=False):
         torch.save({"epoch": 3, "iter": 10, "args": argparse.Namespace(depth=2),
                     "trainer": {"config": _RunsACommand(marker), "var_wo_ddp": var_wo_ddp,
-                                "vae_local": {}, "var_opt": {"lr": 1.0}}}, tmp_path / name)
+                                "vae_local": {}, "var_opt": {"lr": 1.0}}}, tmp_path / name,
+                   _use_new_zipfile_serialization=not legacy)
         return ["--kind", "ar-text", "--src", str(tmp_path / name), "--out", str(tmp_path / "out"),
                 "--config", str(tmp_path / "tiny.yaml")]
 
     assert convert_main(save(official)) == 0
+    assert convert_main(save(official, "legacy.pth", legacy=True)) == 0     # the pre-1.6 format too
     assert not marker.exists()
     loaded = load_ar(tmp_path / "out")
     with torch.no_grad():

@@ -141,10 +141,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 class _RestrictedPickle:
-    """A pickle module for torch.load whose Unpickler is the restricted one."""
+    """A pickle module for torch.load whose every read goes through the restricted unpickler
+    (the legacy format reads its header with `load`, the payload with `Unpickler`)."""
     Unpickler = _RestrictedUnpickler
-    load = pickle.load
     __name__ = "restricted_pickle"
+
+    @staticmethod
+    def load(f, **kwargs):
+        return _RestrictedUnpickler(f, **kwargs).load()
 
 
 def read_official(path):
