@@ -50,7 +50,7 @@ from datasets.gbuffer import EMPTY_FILES, GBufferDataset  # noqa: E402
 from models.ar import ARConfig, Condition, NextScaleAR  # noqa: E402
 from models.vqvae import load_vqvae  # noqa: E402
 from trainers import distributed  # noqa: E402
-from trainers.cli import add_run_args, load_run_config  # noqa: E402
+from trainers.cli import add_run_args, load_run_config, model_config  # noqa: E402
 from trainers.sampler import IndexedDataset, StepBatches, seeded_generator  # noqa: E402
 from trainers.state import load_train_state, save_train_state  # noqa: E402
 from utils.checkpoint import save_model  # noqa: E402
@@ -93,10 +93,6 @@ class TrainConfig:
 @dataclass
 class ARRunConfig(ARConfig):
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-def model_config(cfg: ARRunConfig) -> dict:
-    return {k: v for k, v in to_dict(cfg).items() if k != "train"}
 
 
 def lr_factor(step: int, t: TrainConfig) -> float:
@@ -329,7 +325,7 @@ def main(argv=None):
     ap.add_argument("--stop-at", type=int, help="save and stop at this step; the schedule still spans max-steps, "
                     "so a --resume continues the same run (for time-limited jobs)")
     args = ap.parse_args(argv)
-    cfg = load_run_config(ARRunConfig, args, model_config)
+    cfg = load_run_config(ARRunConfig, args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     train(cfg, args.data_dir, args.vqvae, args.out_dir, args.resume, args.stop_at)
     return 0

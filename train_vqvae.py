@@ -42,7 +42,7 @@ from losses.gan import PatchDiscriminator, hinge_d_loss, hinge_g_loss  # noqa: E
 from losses.perceptual import load_lpips, lpips_distance  # noqa: E402
 from models.vqvae import TriplaneVQVAE, VQVAEConfig  # noqa: E402
 from trainers import distributed  # noqa: E402
-from trainers.cli import add_run_args, load_run_config  # noqa: E402
+from trainers.cli import add_run_args, load_run_config, model_config  # noqa: E402
 from trainers.sampler import IndexedDataset, StepBatches, seeded_generator  # noqa: E402
 from trainers.state import EMA, load_train_state, save_train_state  # noqa: E402
 from utils.cameras import crop_cameras  # noqa: E402
@@ -106,11 +106,6 @@ class TrainConfig:
 @dataclass
 class VQVAERunConfig(VQVAEConfig):
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-def model_config(cfg: VQVAERunConfig) -> dict:
-    """The model part of a run config: what config.json and the checkpoint metadata hold."""
-    return {k: v for k, v in to_dict(cfg).items() if k != "train"}
 
 
 def collate(samples: list) -> dict:
@@ -390,7 +385,7 @@ def main(argv=None):
     ap.add_argument("--data-dir", required=True, type=Path, help="G-buffer dataset root (with dataset.json)")
     add_run_args(ap, "train.patch_size=32")
     args = ap.parse_args(argv)
-    cfg = load_run_config(VQVAERunConfig, args, model_config)
+    cfg = load_run_config(VQVAERunConfig, args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     train(cfg, args.data_dir, args.out_dir, args.resume)
     return 0

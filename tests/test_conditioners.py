@@ -144,3 +144,13 @@ def test_half_precision_checkpoint_runs_in_float32(tmp_path):
     cond = load_conditioner("image", str(tmp_path / "f16"))
     tokens, pooled = cond.encode(torch.rand(1, 3, 224, 224))
     assert cond.model.dtype == tokens.dtype == pooled.dtype == torch.float32
+
+
+def test_make_random_clip_writes_an_encoder_that_loads_offline(tmp_path, capsys):
+    from scripts.make_random_clip import main
+    assert main(["--out", str(tmp_path / "clip"), "--width", "16", "--layers", "1"]) == 0
+    assert "16-wide, 1-layer" in capsys.readouterr().out
+    cond = load_conditioner("text", str(tmp_path / "clip"))
+    tokens, pooled = cond.encode(["a red cube", "a blue cube"])
+    assert tokens.shape == (2, 77, 16) and pooled.shape == (2, 16)
+    assert not torch.allclose(pooled[0], pooled[1])        # the caption changes the embedding

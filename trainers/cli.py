@@ -5,7 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from utils.config import from_dict, load_config
+from utils.config import from_dict, load_config, to_dict
+
+
+def model_config(cfg) -> dict:
+    """The model part of a run config (everything but its `train:` section): what config.json
+    and the checkpoint metadata hold."""
+    return {k: v for k, v in to_dict(cfg).items() if k != "train"}
 
 
 def add_run_args(ap, set_example: str) -> None:
@@ -17,7 +23,7 @@ def add_run_args(ap, set_example: str) -> None:
                     help=f"config override, e.g. {set_example}")
 
 
-def load_run_config(cls, args, model_config):
+def load_run_config(cls, args):
     """The run config of `args.config` with the command line's overrides. With --resume the model
     part must equal the one the run was started with; without it OUT must not hold a run."""
     overrides = list(args.set)
