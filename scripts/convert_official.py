@@ -53,6 +53,23 @@ def build(kind: str, cfg_path: Path):
         return vqvae.TriplaneVQVAE(cfg), cfg, vqvae.convert_official
 
 
+def load_official(kind: str, src: Path, config: Path | None = None):
+    """The official checkpoint `src` of `kind` converted and strictly loaded: (model on the CPU,
+    in eval mode, its config). Raises CheckpointError naming the file and the tensor at fault."""
+    model, cfg, convert = build(kind, config or KINDS[kind][0])
+    if KINDS[kind][1] == "ar":
+        state = read_official_state(src, ("trainer", "var_wo_ddp"),
+                                    "the generator under trainer/var_wo_ddp (as in image-condition-ckpt.pth)")
+    else:
+        state = read_official_state(src, what="a state dict of tensors (such as the official vqvae-ckpt.pt)")
+    try:
+        ours = convert(state, model)
+    except ConversionError as e:
+        raise CheckpointError(f"{src}: {e}") from None
+    model.load_state_dict(ours, strict=True, assign=True)
+    return model.eval(), cfg
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kind", required=True, choices=sorted(KINDS))
@@ -60,20 +77,9 @@ def main(argv=None):
     ap.add_argument("--out", required=True, type=Path, help="output folder")
     ap.add_argument("--config", type=Path, help="model config (default: the paper configuration)")
     args = ap.parse_args(argv)
-    model, cfg, convert = build(args.kind, args.config or KINDS[args.kind][0])
-    family = KINDS[args.kind][1]
-    if family == "ar":
-        state = read_official_state(args.src, ("trainer", "var_wo_ddp"),
-                                    "the generator under trainer/var_wo_ddp (as in image-condition-ckpt.pth)")
-    else:
-        state = read_official_state(args.src, what="a state dict of tensors (such as the official vqvae-ckpt.pt)")
-    try:
-        ours = convert(state, model)
-    except ConversionError as e:
-        raise CheckpointError(f"{args.src}: {e}") from None
-    model.load_state_dict(ours, strict=True, assign=True)
-    path = save_model(args.out, model.state_dict(), to_dict(cfg), kind=family)
-    print(f"converted {len(ours)} tensors from {args.src} into {path}")
+    model, cfg = load_official(args.kind, args.src, args.config)
+    path = save_model(args.out, model.state_dict(), to_dict(cfg), kind=KINDS[args.kind][1])
+    print(f"converted {len(model.state_dict())} tensors from {args.src} into {path}")
     return 0
 
 

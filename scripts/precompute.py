@@ -167,9 +167,11 @@ def main(argv=None):
     ap.add_argument("--data-dir", required=True, type=Path, help="G-buffer dataset root (with dataset.json)")
     ap.add_argument("--vqvae", required=True, type=Path, help="VQVAE checkpoint folder (or .safetensors file)")
     ap.add_argument("--image-encoder", nargs="?", const=DEFAULT_SOURCES["image"],
-                    help="DINOv2 save_pretrained folder or hub id; writes the image embeddings")
+                    help="image encoder (DINOv2 folder or hub id, mobilenet_v2, ...: models/conditioners.py); "
+                         "writes the image embeddings")
     ap.add_argument("--text-encoder", nargs="?", const=DEFAULT_SOURCES["text"],
-                    help="CLIP save_pretrained folder or hub id; writes the caption embeddings")
+                    help="text encoder (CLIP folder or hub id, minilm, ...: models/conditioners.py); "
+                         "writes the caption embeddings")
     ap.add_argument("--split", choices=("all", "train", "val"), default="all")
     ap.add_argument("--holdout", type=int, default=100, help="objects per category in 'val' (as GBufferDataset)")
     ap.add_argument("--batch-size", type=int, default=8, help="objects per forward pass")

@@ -154,3 +154,73 @@ def test_make_random_clip_writes_an_encoder_that_loads_offline(tmp_path, capsys)
     tokens, pooled = cond.encode(["a red cube", "a blue cube"])
     assert tokens.shape == (2, 77, 16) and pooled.shape == (2, 16)
     assert not torch.allclose(pooled[0], pooled[1])        # the caption changes the embedding
+
+
+# ----------------------------------------------------------------------------- demo encoders
+
+def save_tiny_bert(path, width: int = 16):
+    """A 1-layer random BERT sentence encoder (the all-MiniLM-L6-v2 architecture, tiny) with a
+    word-piece tokenizer over a few words, in `path`."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    path.mkdir(parents=True, exist_ok=True)
+    words = "a an red blue green torus box cone sphere tall small large on top of next to".split()
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=5 + len(words), hidden_size=width, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=2 * width)).save_pretrained(path)
+    return path
+
+
+def test_sentence_conditioner_mean_pools_the_unpadded_word_states(tmp_path):
+    cond = load_conditioner("text", str(save_tiny_bert(tmp_path / "bert")))
+    assert isinstance(cond, conditioners.SentenceTextConditioner)
+    assert (cond.kind, cond.dim, cond.seq_len) == ("text", 16, 32)
+    tokens, pooled = cond.encode(["a red torus", "a tall blue box on top of a green cone"])
+    assert tokens.shape == (2, 32, 16) and pooled.shape == (2, 16)
+    # Reference: the caption alone, no padding at all, mean over its word pieces, unit length.
+    for i, text in enumerate(["a red torus", "a tall blue box on top of a green cone"]):
+        ids = cond.tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            h = cond.model(**ids).last_hidden_state[0]
+        torch.testing.assert_close(tokens[i, :len(h)], h, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pooled[i], torch.nn.functional.normalize(h.mean(0), dim=0), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(pooled[0], pooled[1])
+    assert cond.empty()[0].shape == (32, 16)
+
+
+def test_mobilenet_conditioner_loads_torchvision_state_dicts(tmp_path):
+    from models.mobilenet import MobileNetV2
+    torch.manual_seed(0)
+    torch.save(MobileNetV2().eval().state_dict(), tmp_path / "mnv2.pth")
+    cond = load_conditioner("image", str(tmp_path / "mnv2.pth"))
+    assert (cond.kind, cond.dim, cond.seq_len) == ("image", 1280, 49)
+    x = torch.rand(2, 3, 64, 64)
+    tokens, pooled = cond.encode(x)
+    assert tokens.shape == (2, 49, 1280) and pooled.shape == (2, 1280)
+    torch.testing.assert_close(pooled, tokens.mean(1), atol=1e-5, rtol=1e-5)
+    # A list of images of different sizes: each is resized to 224 alone.
+    lt, _ = cond.encode([x[0], torch.nn.functional.interpolate(x[1:], size=(96, 80))[0]])
+    torch.testing.assert_close(lt[0], tokens[0])
+    # Foreign and truncated files: one line naming the file.
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "foreign.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "mnv2.pth").read_bytes()[:1000])
+    for name in ("foreign.pth", "cut.pth"):
+        with pytest.raises(EncoderUnavailable, match=rf"MobileNetV2 image encoder from .*{name}: "):
+            load_conditioner("image", str(tmp_path / name))
+    with pytest.raises(ValueError, match="'minilm' is a text encoder, not a image one"):
+        load_conditioner("image", "minilm")
+
+
+@pytest.mark.parametrize("name,kind", [("minilm", "text"), ("mobilenet_v2", "image")])
+def test_packaged_demo_encoders_load_offline(name, kind, monkeypatch):
+    package = conditioners.PACKAGED[name][0]
+    pytest.importorskip(package)
+    monkeypatch.setattr(conditioners, "_hub_reachable", lambda: False)
+    cond = load_conditioner(kind, name)
+    tokens, pooled = cond.encode(["a red torus"] if kind == "text" else torch.rand(1, 3, 64, 64))
+    assert pooled.shape == (1, {"text": 384, "image": 1280}[kind]) and torch.isfinite(tokens).all()
+    # Without the package: one line that says what to install.
+    monkeypatch.setattr(conditioners.importlib, "import_module", lambda m: (_ for _ in ()).throw(ImportError(m)))
+    with pytest.raises(EncoderUnavailable, match=r"pip install --no-deps -r requirements-encoders.txt"):
+        load_conditioner(kind, name)

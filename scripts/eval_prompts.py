@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Does the text-to-3D model make what the prompt says? Held-out prompts in, accuracy out.
+
+    python scripts/eval_prompts.py [--num 50] [--seed 1000] [--vqvae DIR] [--ar DIR] [--text-encoder E]
+
+The prompts are captions of single-primitive procedural objects (datasets/shapes.py) drawn with a
+seed the training set did not use (make_shapes uses 0 by default; with --data-dir, prompts whose
+caption occurs in that dataset are skipped, so combinations are held out too). One object is
+sampled per prompt (sample.py's models, defaults and sampling settings) and checked:
+
+- shape family: the nearest analytic template by symmetric Chamfer distance between surface
+  samples, both normalised (bounding-box centre at the origin, largest half-extent 1), minimised
+  over rotations about the vertical axis; templates: every family at the ends and the middle of
+  each of its proportion ranges;
+- colour: the palette entry nearest in direction (cosine in RGB, so shading that darkens a
+  colour does not change it) to the mesh's mean vertex colour.
+
+Prints per-family and overall accuracies, writes OUT/results.json and OUT/contact_sheet.png
+(one view per prompt, the verdicts under it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from scipy.spatial import cKDTree
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from datasets.gbuffer import load_index, read_text  # noqa: E402
+from datasets.shapes import FAMILIES, PALETTE, PROPORTIONS, Part, ProceduralShape, sample_shape  # noqa: E402
+from renderers.mesh_render import sample_surface  # noqa: E402
+from sample import DEMO_MODELS, build_generator  # noqa: E402
+from utils.cli import run  # noqa: E402
+
+NUM_POINTS = 1000
+YAWS = np.radians(np.arange(0, 180, 15))
+
+
+def normalise(points: np.ndarray) -> np.ndarray:
+    lo, hi = points.min(0), points.max(0)
+    return (points - (lo + hi) / 2) / max((hi - lo).max() / 2, 1e-9)
+
+
+def templates(seed: int = 0) -> list:
+    """(family, normalised surface points, their KD-tree) for every family at the two ends and
+    the middle of each of its proportion ranges."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for family in FAMILIES:
+        for lo, hi in PROPORTIONS[family].values():
+            for q in sorted({lo, (lo + hi) / 2, hi}):
+                shape = ProceduralShape([Part(family, q, 1.0, color="red")], family, family, 1.0, np.eye(3), mc_res=48)
+                mesh = shape.mesh()
+                pts = normalise(sample_surface(mesh.verts, mesh.faces, NUM_POINTS, rng)[0])
+                out.append((family, pts, cKDTree(pts)))
+    return out
+
+
+def classify_family(points: np.ndarray, refs: list) -> str:
+    """The family of the template nearest to normalised `points` by symmetric Chamfer distance,
+    over rotations about z."""
+    best, best_d = None, math.inf
+    for yaw in YAWS:
+        c, s = math.cos(yaw), math.sin(yaw)
+        rotated = points @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]]).T
+        tree = cKDTree(rotated)
+        for family, ref_pts, ref_tree in refs:
+            d = ref_tree.query(rotated)[0].mean() + tree.query(ref_pts)[0].mean()
+            if d < best_d:
+                best, best_d = family, d
+    return best
+
+
+def classify_colour(colours_uint8: np.ndarray) -> str:
+    mean = colours_uint8.reshape(-1, 3).astype(np.float64).mean(0) / 255
+    names = list(PALETTE)
+    pal = np.array([PALETTE[n] for n in names])
+    cos = pal @ mean / (np.linalg.norm(pal, axis=1) * max(np.linalg.norm(mean), 1e-9))
+    return names[int(cos.argmax())]
+
+
+def held_out_prompts(num: int, seed: int, data_dir: Path | None) -> list:
+    """[(caption, family, colour)] of `num` single-primitive objects, families round-robin."""
+    seen = set()
+    if data_dir is not None:
+        seen = {read_text(Path(data_dir, rel, "caption_3dtopia.txt")) for rels in load_index(data_dir).values()
+                for rel in rels}
+    out, index = [], 0
+    while len(out) < num:
+        family = FAMILIES[len(out) % len(FAMILIES)]
+        shape = sample_shape(seed, index, label=family, mc_res=16)
+        index += 1
+        if shape.caption in seen:
+            if index > 1000 * num:
+                raise ValueError(f"--data-dir {data_dir}: it already holds every caption drawn; use another --seed")
+            continue
+        out.append((shape.caption, family, shape.parts[0].color))
+    return out
+
+
+def contact_sheet(path: Path, tiles: list, cols: int = 10) -> None:
+    """tiles: [(image (R, R, 3) uint8, [lines])]."""
+    size, text_h = tiles[0][0].shape[0], 36
+    rows = -(-len(tiles) // cols)
+    sheet = Image.new("RGB", (cols * size, rows * (size + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (img, lines) in enumerate(tiles):
+        x, y = (i % cols) * size, (i // cols) * (size + text_h)
+        sheet.paste(Image.fromarray(img), (x, y))
+        for j, line in enumerate(lines):
+            draw.text((x + 2, y + size + 2 + 11 * j), line[:26], fill=(0, 0, 0))
+    sheet.save(path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--num", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=1000, help="shape seed of the prompts (training data: 0)")
+    ap.add_argument("--sample-seed", type=int, default=0)
+    ap.add_argument("--data-dir", type=Path, help="training dataset: skip prompts whose caption it holds")
+    ap.add_argument("--vqvae", default=str(DEMO_MODELS["vqvae"]))
+    ap.add_argument("--ar", default=str(DEMO_MODELS["text"]))
+    ap.add_argument("--text-encoder")
+    ap.add_argument("--cfg", type=float, default=4.0)
+    ap.add_argument("--top-k", type=int, default=10)
+    ap.add_argument("--top-p", type=float, default=0.5)
+    ap.add_argument("--mesh-resolution", type=int, default=64)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out-dir", type=Path, default=Path("outputs/eval_prompts"))
+    args = ap.parse_args(argv)
+    if args.num < 1:
+        raise ValueError(f"--num must be positive, got {args.num}")
+    args.official, args.decoder, args.image_encoder = False, "nerf", None
+    gen = build_generator("text", args, torch.device(args.device))
+    prompts = held_out_prompts(args.num, args.seed, args.data_dir)
+    refs = templates()
+    results, tiles = [], []
+    for i, (prompt, family, colour) in enumerate(tqdm(prompts, desc="eval_prompts")):
+        idx = gen.sample(prompt, 1, args.sample_seed + i, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
+        planes = gen.triplanes(idx)
+        try:
+            verts, faces, colours = gen.mesh(planes, args.mesh_resolution)
+            pts = normalise(sample_surface(verts, faces, NUM_POINTS, np.random.default_rng(i))[0])
+            got_family, got_colour = classify_family(pts, refs), classify_colour(colours)
+        except ValueError:                      # no surface: counts as wrong on both
+            got_family, got_colour = "none", "none"
+        results.append({"prompt": prompt, "family": family, "colour": colour,
+                        "predicted_family": got_family, "predicted_colour": got_colour})
+        view = gen.turntable(planes, 8, 128)[1]
+        tiles.append((view, [prompt[-26:], f"{'ok' if got_family == family else 'NO'} {got_family}",
+                             f"{'ok' if got_colour == colour else 'NO'} {got_colour}"]))
+    fam_acc = {f: np.mean([r["predicted_family"] == f for r in results if r["family"] == f]) for f in FAMILIES}
+    overall = {"family": float(np.mean([r["predicted_family"] == r["family"] for r in results])),
+               "colour": float(np.mean([r["predicted_colour"] == r["colour"] for r in results]))}
+    print(f"{'family':<12} {'n':>3} {'family acc':>10} {'colour acc':>10}")
+    for f in FAMILIES:
+        rs = [r for r in results if r["family"] == f]
+        col = np.mean([r["predicted_colour"] == r["colour"] for r in rs])
+        print(f"{f:<12} {len(rs):>3} {fam_acc[f]:>10.2f} {col:>10.2f}")
+    print(f"{'overall':<12} {len(results):>3} {overall['family']:>10.2f} {overall['colour']:>10.2f}")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "results.json").write_text(json.dumps({"overall": overall, "per_object": results}, indent=1))
+    contact_sheet(args.out_dir / "contact_sheet.png", tiles)
+    print(f"wrote {args.out_dir / 'results.json'} and {args.out_dir / 'contact_sheet.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

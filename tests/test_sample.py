@@ -1,0 +1,124 @@
+"""sample.py end to end on tiny random models (the whole pipeline and every output file), its
+one-line errors, and the shipped demo model when it is there."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from models.ar import ARConfig, NextScaleAR
+from models.conditioners import EncoderUnavailable
+from models.vqvae import TriplaneVQVAE, VQVAEConfig
+from tests.test_conditioners import save_tiny_bert
+from utils.checkpoint import CheckpointError, save_model
+from utils.config import load_config, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny random VQVAE whose density is high everywhere (so there is a surface), a tiny text
+    generator over its tokens, and the tiny BERT it is conditioned on."""
+    root = tmp_path_factory.mktemp("models")
+    bert = save_tiny_bert(root / "bert")
+    torch.manual_seed(0)
+    vcfg = load_config(VQVAEConfig, ROOT / "configs" / "vqvae" / "tiny.yaml")
+    vq = TriplaneVQVAE(vcfg)
+    with torch.no_grad():
+        vq.renderer.decoder.net[-1].bias[0] = 30.0           # sigma: an occupied box
+    save_model(root / "vqvae", vq.state_dict(), to_dict(vcfg), "vqvae")
+    acfg = ARConfig(condition="text", depth=1, width=32, num_heads=2, pooled_dim=16, seq_dim=16,
+                    cross_attn="after_self", patch_nums=vcfg.quantizer.patch_nums, vocab_size=vcfg.quantizer.vocab_size,
+                    c_vae=vcfg.quantizer.c_vae, encoder=str(bert))
+    save_model(root / "ar", NextScaleAR(acfg).state_dict(), to_dict(acfg), "ar")
+    return root
+
+
+def run_sample(models, out, *extra):
+    return sample.main(["--vqvae", str(models / "vqvae"), "--ar", str(models / "ar"), "--output-dir", str(out),
+                        "--render-resolution", "16", "--frames", "4", "--mesh-resolution", "12", *extra])
+
+
+def test_prompt_writes_mesh_video_preview_and_tokens(models, tmp_path):
+    import imageio.v2 as imageio
+    import trimesh
+    assert run_sample(models, tmp_path, "--prompt", "a red torus", "--formats", "glb,ply") == 0
+    out = tmp_path / "a_red_torus_0"
+    mesh = trimesh.load(out / "mesh.glb", force="mesh")
+    assert len(mesh.faces) > 0 and mesh.visual.kind == "vertex"
+    assert mesh.visual.vertex_colors.shape == (len(mesh.vertices), 4)
+    assert (out / "mesh.ply").is_file()
+    with imageio.get_reader(out / "turntable.mp4") as r:
+        assert r.count_frames() == 4
+    assert Image.open(out / "turntable.gif").n_frames == 4
+    assert Image.open(out / "preview.png").size == (4 * 16, 16)
+    pn = load_config(VQVAEConfig, ROOT / "configs" / "vqvae" / "tiny.yaml").quantizer.patch_nums
+    tokens = np.load(out / "tokens.npy")
+    assert tokens.shape == (3 * sum(p * p for p in pn),) and tokens.dtype == np.int64
+
+
+def test_same_seed_same_tokens_and_prompt_files(models, tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps({"test_promts": ["a blue box", "a green cone"]}))
+    (tmp_path / "list.json").write_text(json.dumps(["a blue box"]))
+    run_sample(models, tmp_path / "a", "--prompts", str(tmp_path / "p.json"), "--no-video", "--num-samples", "2")
+    run_sample(models, tmp_path / "b", "--prompts", str(tmp_path / "list.json"), "--no-video", "--num-samples", "2")
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == ["a_blue_box_0", "a_blue_box_1", "a_green_cone_0", "a_green_cone_1"]
+    assert not (tmp_path / "a" / "a_blue_box_0" / "turntable.mp4").exists()
+    for k in (0, 1):
+        np.testing.assert_array_equal(np.load(tmp_path / "a" / f"a_blue_box_{k}" / "tokens.npy"),
+                                      np.load(tmp_path / "b" / f"a_blue_box_{k}" / "tokens.npy"))
+
+
+def test_image_input_rgba_composited_and_padded(tmp_path):
+    rgba = np.zeros((20, 40, 4), np.uint8)
+    rgba[5:15, 10:30] = (255, 0, 0, 255)                  # an opaque red block, the rest transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "x.png")
+    x = sample.read_image(tmp_path / "x.png")
+    assert x.shape == (3, 40, 40)
+    np.testing.assert_allclose(x[:, 0, 0], 1.0)                 # padding and transparency: white
+    np.testing.assert_allclose(x[:, 20, 20], [1.0, 0.0, 0.0])   # the block, centred vertically
+
+
+def test_bad_inputs_are_clear_errors(models, tmp_path):
+    (tmp_path / "not_an_image.png").write_text("hello")
+    Image.new("RGB", (1, 1)).save(tmp_path / "tiny.png")
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "config.json").write_text((models / "vqvae" / "config.json").read_text())
+    (tmp_path / "cut" / "model.safetensors").write_bytes((models / "vqvae" / "model.safetensors").read_bytes()[:5000])
+    cases = [(["--prompt", "  "], ValueError, "--prompt: empty prompt"),
+             (["--image", str(tmp_path / "not_an_image.png")], ValueError, "not a readable image file"),
+             (["--image", str(tmp_path / "tiny.png")], ValueError, "1x1 pixels is too small"),
+             (["--prompt", "a box", "--decoder", "mesh"], ValueError, "--decoder 'mesh': use nerf or flexicubes"),
+             (["--prompt", "a box", "--ar", str(tmp_path / "missing")], FileNotFoundError,
+              "--ar: no checkpoint at .*missing"),
+             (["--prompt", "a box", "--vqvae", str(tmp_path / "cut")], CheckpointError, "cut"),
+             (["--prompt", "a box", "--decoder", "flexicubes"], ValueError, "decodes with nerf"),
+             (["--prompt", "a box", "--text-encoder", str(tmp_path / "nowhere")], EncoderUnavailable, "nowhere")]
+    for argv, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            run_sample(models, tmp_path / "out", *argv)
+    # Through the command line: one line, no traceback, exit status 2.
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--prompt", "", "--output-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: --prompt: empty prompt")
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(not (sample.DEMO_MODELS["text"] / "model.safetensors").is_file(), reason="no shipped demo model")
+def test_shipped_demo_model_makes_the_prompted_family(tmp_path):
+    from scripts.eval_prompts import classify_family, normalise, templates
+    from renderers.mesh_render import sample_surface
+    assert sample.main(["--prompt", "a large red sphere", "--output-dir", str(tmp_path), "--no-video",
+                        "--mesh-resolution", "48"]) == 0
+    import trimesh
+    mesh = trimesh.load(tmp_path / "a_large_red_sphere_0" / "mesh.glb", force="mesh")
+    pts = normalise(sample_surface(np.asarray(mesh.vertices), np.asarray(mesh.faces), 2000,
+                                   np.random.default_rng(0))[0])
+    assert classify_family(pts, templates()) == "sphere"
