@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from models.ar import Condition, load_ar  # noqa: E402
-from models.conditioners import load_conditioner  # noqa: E402
+from models.conditioners import load_conditioner, pil_to_tensor  # noqa: E402
 from models.vqvae import load_vqvae  # noqa: E402
 from renderers.nerf_mesh import MESH_FORMATS, extract_mesh, write_mesh  # noqa: E402
 from utils.cameras import normalized_intrinsics, orbit_c2w, pack_cameras  # noqa: E402
@@ -73,16 +73,15 @@ def read_image(path: Path) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             im.load()
-            rgba = im.convert("RGBA")
+            x = pil_to_tensor(im)
     except (OSError, UnidentifiedImageError, ValueError):
         raise ValueError(f"--image {path}: not a readable image file") from None
-    if min(rgba.size) < 8:
-        raise ValueError(f"--image {path}: {rgba.size[0]}x{rgba.size[1]} pixels is too small (at least 8x8)")
-    flat = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    side = max(flat.size)
-    square = Image.new("RGB", (side, side), (255, 255, 255))
-    square.paste(flat, ((side - flat.size[0]) // 2, (side - flat.size[1]) // 2))
-    return torch.from_numpy(np.asarray(square, np.float32) / 255).permute(2, 0, 1)
+    _, h, w = x.shape
+    if min(h, w) < 8:
+        raise ValueError(f"--image {path}: {w}x{h} pixels is too small (at least 8x8)")
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    return torch.nn.functional.pad(x, (left, side - w - left, top, side - h - top), value=1.0)
 
 
 def image_paths(path: Path) -> list[Path]:
@@ -133,7 +132,7 @@ class Generator3D:
         if want != {encoder.dim}:
             raise ValueError(f"the {kind} encoder gives {encoder.dim}-wide embeddings but the generator expects "
                              f"{sorted(want)}: pass the encoder it was trained with (--{kind}-encoder)")
-        self.kind, self.vqvae, self.ar, self.encoder, self.device = kind, vqvae, ar, encoder, torch.device(device)
+        self.vqvae, self.ar, self.encoder, self.device = vqvae, ar, encoder, torch.device(device)
         tokens, pooled = encoder.empty()
         self.uncond = Condition(pooled=pooled, tokens=tokens)
 

@@ -27,11 +27,9 @@ sampled objects to OUT/samples/step_N.png.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +38,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -51,6 +48,7 @@ from models.ar import ARConfig, Condition, NextScaleAR  # noqa: E402
 from models.vqvae import load_vqvae  # noqa: E402
 from trainers import distributed  # noqa: E402
 from trainers.cli import add_run_args, load_run_config, model_config  # noqa: E402
+from trainers.runlog import RunLog  # noqa: E402
 from trainers.sampler import IndexedDataset, StepBatches, seeded_generator  # noqa: E402
 from trainers.state import load_train_state, save_train_state  # noqa: E402
 from utils.checkpoint import save_model  # noqa: E402
@@ -234,14 +232,7 @@ def train(cfg: ARRunConfig, data_dir: Path, vqvae_dir: Path | None, out_dir: Pat
     sampler = StepBatches(len(train_ds), t.batch_size, t.seed, step, d.rank, d.world_size, max(end - step, 0))
     loader = torch.utils.data.DataLoader(IndexedDataset(train_ds), batch_sampler=sampler, collate_fn=collate,
                                          num_workers=t.num_workers)
-    writer = None
-    if d.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-        out_dir.mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(out_dir / "tb"))
-    history = []
-    bar = tqdm(total=t.max_steps, initial=step, desc="train_ar", disable=not d.is_main, dynamic_ncols=True)
-    t0 = time.time()
+    run_log = RunLog(out_dir, d.is_main, "train_ar", step, t.max_steps, t.batch_size, t.log_every)
     model.train()
     for batch in loader:
         for group in opt.param_groups:
@@ -273,27 +264,17 @@ def train(cfg: ARRunConfig, data_dir: Path, vqvae_dir: Path | None, out_dir: Pat
         if not math.isfinite(logs["loss"]):
             raise FloatingPointError(f"step {step}: the loss is {logs['loss']} (lower train.lr, or amp: none)")
         logs.update(grad_norm=float(grad_norm), lr=opt.param_groups[0]["lr"])
-        history.append({"step": step, **logs})
-        bar.update(1)
+        run_log.step(step, logs, {"loss": f"{logs['loss']:.3f}", "acc": f"{logs['acc']:.3f}"})
         if d.is_main:
-            with open(out_dir / "train_log.jsonl", "a") as f:
-                f.write(json.dumps(history[-1]) + "\n")
-            bar.set_postfix(loss=f"{logs['loss']:.3f}", acc=f"{logs['acc']:.3f}")
-            if step % t.log_every == 0 or step == t.max_steps:
-                for k, v in logs.items():
-                    writer.add_scalar(f"train/{k}", v, step)
-                writer.add_scalar("train/objects_per_s", t.batch_size * len(history) / (time.time() - t0), step)
             if val_ds is not None and t.eval_every > 0 and (step % t.eval_every == 0 or step == end):
                 val = evaluate(model, val_ds, cfg, device)
                 for k, v in val.items():
-                    writer.add_scalar(f"val/{k}", v, step)
-                with open(out_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in val.items()},
-                                        "train_loss": logs["loss"], "minutes": (time.time() - t0) / 60}) + "\n")
-                bar.write(f"step {step}: held-out loss {val['loss']:.3f}, token accuracy {val['acc']:.3f}")
+                    run_log.writer.add_scalar(f"val/{k}", v, step)
+                run_log.metrics(step, {**{f"val_{k}": v for k, v in val.items()}, "train_loss": logs["loss"]},
+                            f"step {step}: held-out loss {val['loss']:.3f}, token accuracy {val['acc']:.3f}")
             if vqvae is not None and (step % t.sample_every == 0 or step == end):
                 grid = render_samples(model, vqvae, val_ds or train_ds, cfg, uncond, device)
-                writer.add_image("samples/truth_over_sample", grid, step)
+                run_log.writer.add_image("samples/truth_over_sample", grid, step)
                 (out_dir / "samples").mkdir(exist_ok=True)
                 save_png(grid, out_dir / "samples" / f"step_{step:07d}.png")
                 model.train()
@@ -303,11 +284,9 @@ def train(cfg: ARRunConfig, data_dir: Path, vqvae_dir: Path | None, out_dir: Pat
                 save_train_state(out_dir, step, {"model": model.state_dict()}, {"model": opt},
                                  {"config": to_dict(cfg)})
             distributed.barrier(d)
-    bar.close()
-    if writer is not None:
-        writer.close()
+    run_log.close()
     distributed.teardown()
-    return {"history": history, "step": step}
+    return {"history": run_log.history, "step": step}
 
 
 def save_png(img_3HW: torch.Tensor, path: Path) -> None:

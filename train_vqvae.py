@@ -21,18 +21,15 @@ held-out PSNR curve to OUT/metrics.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -43,6 +40,7 @@ from losses.perceptual import load_lpips, lpips_distance  # noqa: E402
 from models.vqvae import TriplaneVQVAE, VQVAEConfig  # noqa: E402
 from trainers import distributed  # noqa: E402
 from trainers.cli import add_run_args, load_run_config, model_config  # noqa: E402
+from trainers.runlog import RunLog  # noqa: E402
 from trainers.sampler import IndexedDataset, StepBatches, seeded_generator  # noqa: E402
 from trainers.state import EMA, load_train_state, save_train_state  # noqa: E402
 from utils.cameras import crop_cameras  # noqa: E402
@@ -267,16 +265,9 @@ def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool) -> d
     sampler = StepBatches(len(train_ds), t.batch_size, t.seed, step, d.rank, d.world_size, num_steps)
     loader = torch.utils.data.DataLoader(IndexedDataset(train_ds), batch_sampler=sampler, collate_fn=collate,
                                          num_workers=t.num_workers, persistent_workers=False)
-    writer = None
-    if d.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-        out_dir.mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(out_dir / "tb"))
+    run_log = RunLog(out_dir, d.is_main, "train_vqvae", step, t.max_steps, t.batch_size, t.log_every)
     view_sets = input_view_sets(cfg.encoder.num_views)
     size = cfg.input_size
-    history = []
-    bar = tqdm(total=t.max_steps, initial=step, desc="train_vqvae", disable=not d.is_main, dynamic_ncols=True)
-    t0 = time.time()
     model.train()
     for batch in loader:
         logs = {"loss": 0.0, "l1": 0.0, "lpips": 0.0, "alpha": 0.0, "depth": 0.0, "vq": 0.0, "g_gan": 0.0,
@@ -340,33 +331,19 @@ def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool) -> d
         if not math.isfinite(logs["loss"]):
             raise FloatingPointError(f"step {step}: the loss is {logs['loss']} (lower the learning rates, or amp: none)")
         logs["grad_norm"] = float(grad_norm)
-        history.append({"step": step, **logs})
-        bar.update(1)
-        if d.is_main:
-            with open(out_dir / "train_log.jsonl", "a") as f:
-                f.write(json.dumps(history[-1]) + "\n")
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", l1=f"{logs['l1']:.4f}")
-            if step % t.log_every == 0 or step == t.max_steps:
-                for k, v in logs.items():
-                    writer.add_scalar(f"train/{k}", v, step)
-                for si, u in enumerate(usage.tolist()):
-                    writer.add_scalar(f"codebook_usage/scale{si}", u, step)
-                writer.add_scalar("train/objects_per_s", t.batch_size * len(history) / (time.time() - t0), step)
-            if val_ds is not None and (step % t.eval_every == 0 or step == t.max_steps):
-                value, grid = evaluate(model, val_ds, cfg, device)
-                writer.add_scalar("val/psnr", value, step)
-                writer.add_image("val/gt_over_reconstruction", grid.clamp(0, 1), step)
-                with open(out_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, "val_psnr": value, "train_l1": logs["l1"],
-                                        "minutes": (time.time() - t0) / 60}) + "\n")
-                bar.write(f"step {step}: held-out PSNR {value:.2f} dB")
+        if run_log.step(step, logs, {"loss": f"{logs['loss']:.4f}", "l1": f"{logs['l1']:.4f}"}):
+            for si, u in enumerate(usage.tolist()):
+                run_log.writer.add_scalar(f"codebook_usage/scale{si}", u, step)
+        if d.is_main and val_ds is not None and (step % t.eval_every == 0 or step == t.max_steps):
+            value, grid = evaluate(model, val_ds, cfg, device)
+            run_log.writer.add_scalar("val/psnr", value, step)
+            run_log.writer.add_image("val/gt_over_reconstruction", grid.clamp(0, 1), step)
+            run_log.metrics(step, {"val_psnr": value, "train_l1": logs["l1"]}, f"step {step}: held-out PSNR {value:.2f} dB")
         if step % t.save_every == 0 or step == t.max_steps:
             save(out_dir, cfg, model, ema, disc, opt, opt_d, step, d)
-    bar.close()
-    if writer is not None:
-        writer.close()
+    run_log.close()
     distributed.teardown()
-    return {"history": history, "step": step}
+    return {"history": run_log.history, "step": step}
 
 
 def save(out_dir: Path, cfg, model, ema, disc, opt, opt_d, step: int, d) -> None:

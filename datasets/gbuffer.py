@@ -231,12 +231,17 @@ def load_index(root) -> dict:
     return index
 
 
+def imagenet_normalise(rgb: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) RGB in [0, 1] -> ImageNet mean/std normalised."""
+    mean = torch.tensor(IMAGENET_MEAN, device=rgb.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=rgb.device).view(3, 1, 1)
+    return (rgb - mean) / std
+
+
 def encoder_input(rgb_V3HW: torch.Tensor, plucker_V6HW: torch.Tensor, depth_VHW: torch.Tensor) -> torch.Tensor:
     """The official 10-channel encoder input: ImageNet-normalised RGB (from [0, 1]), Plucker
     rays, raw depth. Works batched too ((..., V, C, H, W)). Returns (..., V, 10, H, W)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=rgb_V3HW.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=rgb_V3HW.device).view(3, 1, 1)
-    return torch.cat([(rgb_V3HW - mean) / std, plucker_V6HW, depth_VHW.unsqueeze(-3)], -3)
+    return torch.cat([imagenet_normalise(rgb_V3HW), plucker_V6HW, depth_VHW.unsqueeze(-3)], -3)
 
 
 def input_view_sets(num_views: int, total: int = NUM_VIEWS) -> list[list[int]]:

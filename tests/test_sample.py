@@ -111,6 +111,27 @@ def test_bad_inputs_are_clear_errors(models, tmp_path):
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_test_text_sh_runs_every_prompt_of_the_official_file(models, tmp_path):
+    r = subprocess.run(["bash", str(ROOT / "test_text.sh"), "--vqvae", str(models / "vqvae"), "--ar", str(models / "ar"),
+                        "--output-dir", str(tmp_path), "--no-video", "--render-resolution", "16", "--frames", "2",
+                        "--mesh-resolution", "12"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    prompts = json.loads((ROOT / "test_files" / "test_text.json").read_text())["test_promts"]
+    for p in prompts:
+        assert (tmp_path / f"{sample.slug(p)}_0" / "mesh.glb").is_file()
+
+
+def test_eval_prompts_writes_accuracies_and_a_contact_sheet(models, tmp_path, capsys):
+    from scripts.eval_prompts import main
+    assert main(["--num", "2", "--vqvae", str(models / "vqvae"), "--ar", str(models / "ar"), "--mesh-resolution", "12",
+                 "--out-dir", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["per_object"]) == 2 and set(results["overall"]) == {"family", "colour"}
+    assert [r["family"] for r in results["per_object"]] == ["sphere", "box"]
+    assert Image.open(tmp_path / "contact_sheet.png").size[0] > 0
+    assert "overall        2" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(not (sample.DEMO_MODELS["text"] / "model.safetensors").is_file(), reason="no shipped demo model")
 def test_shipped_demo_model_makes_the_prompted_family(tmp_path):
     from scripts.eval_prompts import classify_family, normalise, templates
