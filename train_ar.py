@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,6 +52,7 @@ from trainers.cli import add_run_args, load_run_config, model_config  # noqa: E4
 from trainers.runlog import RunLog  # noqa: E402
 from trainers.sampler import IndexedDataset, StepBatches, seeded_generator  # noqa: E402
 from trainers.state import load_train_state, save_train_state  # noqa: E402
+from utils.media import to_uint8  # noqa: E402
 from utils.checkpoint import save_model  # noqa: E402
 from utils.cli import run  # noqa: E402
 from utils.config import to_dict  # noqa: E402
@@ -199,8 +201,7 @@ def train(cfg: ARRunConfig, data_dir: Path, vqvae_dir: Path | None, out_dir: Pat
     d = distributed.setup()
     torch.manual_seed(t.seed)
     device = d.device
-    amp = (t.amp == "bf16") or (t.amp == "auto" and device.type == "cuda")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else nullcontext
+    autocast = distributed.autocast_factory(t.amp, device)
     condition = cfg.condition if cfg.condition in ("image", "text") else None
     train_ds = GBufferDataset(data_dir, split="train", holdout=t.holdout, mode="tokens", condition=condition)
     uncond = load_unconditional(data_dir, cfg.condition)
@@ -276,7 +277,7 @@ def train(cfg: ARRunConfig, data_dir: Path, vqvae_dir: Path | None, out_dir: Pat
                 grid = render_samples(model, vqvae, val_ds or train_ds, cfg, uncond, device)
                 run_log.writer.add_image("samples/truth_over_sample", grid, step)
                 (out_dir / "samples").mkdir(exist_ok=True)
-                save_png(grid, out_dir / "samples" / f"step_{step:07d}.png")
+                Image.fromarray(to_uint8(grid)).save(out_dir / "samples" / f"step_{step:07d}.png")
                 model.train()
         if step % t.save_every == 0 or step == end:
             if d.is_main:
@@ -287,12 +288,6 @@ def train(cfg: ARRunConfig, data_dir: Path, vqvae_dir: Path | None, out_dir: Pat
     run_log.close()
     distributed.teardown()
     return {"history": run_log.history, "step": step}
-
-
-def save_png(img_3HW: torch.Tensor, path: Path) -> None:
-    from PIL import Image
-    arr = (img_3HW.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(arr).save(path)
 
 
 def main(argv=None):

@@ -224,8 +224,7 @@ def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool) -> d
     d = distributed.setup()
     torch.manual_seed(t.seed)
     device = d.device
-    amp = (t.amp == "bf16") or (t.amp == "auto" and device.type == "cuda")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else nullcontext
+    autocast = distributed.autocast_factory(t.amp, device)
 
     train_ds = GBufferDataset(data_dir, split="train", holdout=t.holdout, resolution=t.render_resolution)
     val_ds = GBufferDataset(data_dir, split="val", holdout=t.holdout, resolution=t.render_resolution) \

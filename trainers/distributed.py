@@ -9,6 +9,7 @@ command runs on a laptop:
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -64,3 +65,11 @@ def mean_across(values: dict, d: Dist) -> dict:
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()
+
+
+def autocast_factory(amp: str, device: torch.device):
+    """train.amp ("auto": bf16 on CUDA; "bf16"; "none") -> a callable giving the forward's
+    autocast context (a no-op without mixed precision)."""
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext
