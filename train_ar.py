@@ -50,6 +50,7 @@ from models.vqvae import load_vqvae  # noqa: E402
 from trainers import distributed  # noqa: E402
 from trainers.cli import add_run_args, load_run_config, model_config  # noqa: E402
 from trainers.runlog import RunLog  # noqa: E402
+from trainers.schedule import lr_factor  # noqa: E402
 from trainers.sampler import IndexedDataset, StepBatches, seeded_generator  # noqa: E402
 from trainers.state import load_train_state, save_train_state  # noqa: E402
 from utils.media import to_uint8  # noqa: E402
@@ -93,17 +94,6 @@ class TrainConfig:
 @dataclass
 class ARRunConfig(ARConfig):
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-def lr_factor(step: int, t: TrainConfig) -> float:
-    """Multiple of t.lr at a step: linear warm-up from 0.005, a hold at 1, linear decay to final_lr."""
-    warm = t.warmup * t.max_steps
-    if step < warm:
-        return 0.005 + (1 - 0.005) * step / warm
-    hold_end = warm + t.hold * (t.max_steps - warm)
-    if step < hold_end:
-        return 1.0
-    return 1.0 + (t.final_lr - 1.0) * (step - hold_end) / max(t.max_steps - hold_end, 1)
 
 
 def param_groups(model: NextScaleAR, t: TrainConfig) -> list:
@@ -296,8 +286,6 @@ def main(argv=None):
     ap.add_argument("--data-dir", required=True, type=Path, help="G-buffer dataset root with precomputed tokens")
     ap.add_argument("--vqvae", type=Path, help="the VQVAE that made the tokens (for the sample renders)")
     add_run_args(ap, "train.lr=3e-4 or depth=4")
-    ap.add_argument("--stop-at", type=int, help="save and stop at this step; the schedule still spans max-steps, "
-                    "so a --resume continues the same run (for time-limited jobs)")
     args = ap.parse_args(argv)
     cfg = load_run_config(ARRunConfig, args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

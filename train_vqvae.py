@@ -41,6 +41,7 @@ from models.vqvae import TriplaneVQVAE, VQVAEConfig  # noqa: E402
 from trainers import distributed  # noqa: E402
 from trainers.cli import add_run_args, load_run_config, model_config  # noqa: E402
 from trainers.runlog import RunLog  # noqa: E402
+from trainers.schedule import lr_factor  # noqa: E402
 from trainers.sampler import IndexedDataset, StepBatches, seeded_generator  # noqa: E402
 from trainers.state import EMA, load_train_state, save_train_state  # noqa: E402
 from utils.cameras import crop_cameras  # noqa: E402
@@ -60,7 +61,7 @@ class TrainConfig:
     max_steps: int = 100_000
     seed: int = 0
     holdout: int = 5                 # last objects of each category kept out of training, for evaluation
-    # optimiser groups (lr, weight decay), constant learning rate
+    # optimiser groups (peak lr, weight decay); the official rate is constant (warmup 0, hold 1)
     lr_encoder: float = 1e-4
     wd_encoder: float = 0.001
     lr_dit: float = 8e-5
@@ -68,6 +69,9 @@ class TrainConfig:
     lr_rest: float = 1e-4            # quantizer, convs around it, conv upsampler, point decoder
     wd_rest: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
+    warmup: float = 0.0              # trainers.schedule.lr_factor: share of max_steps warming up,
+    hold: float = 1.0                # share of the rest held at the peak, then linear decay
+    final_lr: float = 1.0            # ... to this multiple of each group's lr
     grad_clip: float = 1.0
     # supervision
     render_resolution: int = 64      # targets are resized to this; renders cover all of it or a patch
@@ -219,7 +223,8 @@ def evaluate(model: TriplaneVQVAE, ds: GBufferDataset, cfg: VQVAERunConfig, devi
 
 # ----------------------------------------------------------------------------- main loop
 
-def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool) -> dict:
+def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool, stop_at: int | None = None) -> dict:
+    """Train to train.max_steps (the learning-rate schedule's length), or stop early at `stop_at`."""
     t = cfg.train
     d = distributed.setup()
     torch.manual_seed(t.seed)
@@ -246,6 +251,7 @@ def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool) -> d
     lpips = load_lpips(t.lpips_weights, device) if t.perceptual_weight > 0 else None
     ema = EMA(model, t.ema_decay)
     opt = torch.optim.AdamW(param_groups(model, t), betas=t.betas)
+    peak_lr = {g["name"]: g["lr"] for g in opt.param_groups}
     opt_d = torch.optim.AdamW(disc.parameters(), lr=t.disc_lr, betas=t.disc_betas)
     step = 0
     if resume:
@@ -260,8 +266,8 @@ def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool) -> d
     else:
         disc_ddp = disc
 
-    num_steps = max(t.max_steps - step, 0)
-    sampler = StepBatches(len(train_ds), t.batch_size, t.seed, step, d.rank, d.world_size, num_steps)
+    end = t.max_steps if stop_at is None else min(stop_at, t.max_steps)
+    sampler = StepBatches(len(train_ds), t.batch_size, t.seed, step, d.rank, d.world_size, max(end - step, 0))
     loader = torch.utils.data.DataLoader(IndexedDataset(train_ds), batch_sampler=sampler, collate_fn=collate,
                                          num_workers=t.num_workers, persistent_workers=False)
     run_log = RunLog(out_dir, d.is_main, "train_vqvae", step, t.max_steps, t.batch_size, t.log_every)
@@ -275,6 +281,8 @@ def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool) -> d
         per_micro = objects_per_rank // n_micro
         gan_on = step >= t.gan_start and t.gan_g_weight + t.gan_d_weight > 0
         fakes_all, reals_all = [], []
+        for group in opt.param_groups:
+            group["lr"] = peak_lr[group["name"]] * lr_factor(step, t)
         for m in range(n_micro):
             sl = slice(m * per_micro, (m + 1) * per_micro)
             mb = {k: v[sl] for k, v in batch.items()}
@@ -329,16 +337,16 @@ def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool) -> d
         logs = distributed.mean_across(logs, d)
         if not math.isfinite(logs["loss"]):
             raise FloatingPointError(f"step {step}: the loss is {logs['loss']} (lower the learning rates, or amp: none)")
-        logs["grad_norm"] = float(grad_norm)
+        logs.update(grad_norm=float(grad_norm), lr_factor=lr_factor(step - 1, t))
         if run_log.step(step, logs, {"loss": f"{logs['loss']:.4f}", "l1": f"{logs['l1']:.4f}"}):
             for si, u in enumerate(usage.tolist()):
                 run_log.writer.add_scalar(f"codebook_usage/scale{si}", u, step)
-        if d.is_main and val_ds is not None and (step % t.eval_every == 0 or step == t.max_steps):
+        if d.is_main and val_ds is not None and (step % t.eval_every == 0 or step == end):
             value, grid = evaluate(model, val_ds, cfg, device)
             run_log.writer.add_scalar("val/psnr", value, step)
             run_log.writer.add_image("val/gt_over_reconstruction", grid.clamp(0, 1), step)
             run_log.metrics(step, {"val_psnr": value, "train_l1": logs["l1"]}, f"step {step}: held-out PSNR {value:.2f} dB")
-        if step % t.save_every == 0 or step == t.max_steps:
+        if step % t.save_every == 0 or step == end:
             save(out_dir, cfg, model, ema, disc, opt, opt_d, step, d)
     run_log.close()
     distributed.teardown()
@@ -363,7 +371,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     cfg = load_run_config(VQVAERunConfig, args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    train(cfg, args.data_dir, args.out_dir, args.resume)
+    train(cfg, args.data_dir, args.out_dir, args.resume, args.stop_at)
     return 0
 
 

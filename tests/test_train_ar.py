@@ -15,7 +15,8 @@ from scripts.precompute import main as precompute
 from tests.test_conditioners import CLIP_DIM, save_tiny_clip
 from tests.test_precompute import TINY32, _save_vqvae
 from datasets.gbuffer import GBufferDataset
-from train_ar import ARRunConfig, TrainConfig, evaluate, lr_factor, main, param_groups
+from train_ar import ARRunConfig, TrainConfig, evaluate, main, param_groups
+from trainers.schedule import lr_factor
 from utils.checkpoint import load_model
 from utils.cli import run
 from utils.config import load_config

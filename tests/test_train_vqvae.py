@@ -43,13 +43,17 @@ def _log(out):
 
 
 def test_resume_gives_the_weights_of_a_straight_run(shapes_root, tmp_path):
-    assert _train(shapes_root, tmp_path / "straight", 20) == 0
-    assert _train(shapes_root, tmp_path / "split", 10) == 0
-    assert _train(shapes_root, tmp_path / "split", 20, "--resume") == 0
+    # A learning-rate schedule that warms up, holds and decays across the break.
+    sched = ["--set", "train.warmup=0.2", "--set", "train.hold=0.3", "--set", "train.final_lr=0.1"]
+    assert _train(shapes_root, tmp_path / "straight", 20, *sched) == 0
+    assert _train(shapes_root, tmp_path / "split", 20, *sched, "--stop-at", "10") == 0
+    assert _train(shapes_root, tmp_path / "split", 20, *sched, "--resume") == 0
     for name in ("model.safetensors", "ema/model.safetensors"):
         a, b = load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "split" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert [r["loss"] for r in _log(tmp_path / "straight")] == [r["loss"] for r in _log(tmp_path / "split")]
+    factors = [r["lr_factor"] for r in _log(tmp_path / "straight")]
+    assert factors[0] == pytest.approx(0.005) and factors[4] == 1.0 and factors[-1] == pytest.approx(1 - 0.9 * 10.2 / 11.2)
     state = json.loads((tmp_path / "straight/config.json").read_text())
     assert state["kind"] == "vqvae" and "train" not in state
 

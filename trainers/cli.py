@@ -19,6 +19,8 @@ def add_run_args(ap, set_example: str) -> None:
     ap.add_argument("--max-steps", type=int, help="train until this step (overrides train.max_steps)")
     ap.add_argument("--batch-size", type=int, help="objects per step, all processes (overrides train.batch_size)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/train_state")
+    ap.add_argument("--stop-at", type=int, help="save and stop at this step; the schedule still spans max-steps, "
+                    "so a --resume continues the same run (for time-limited jobs)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help=f"config override, e.g. {set_example}")
 
