@@ -154,14 +154,18 @@ class Generator3D:
         return self.vqvae.decode_tokens(idx)
 
     @torch.no_grad()
-    def turntable(self, triplane: torch.Tensor, frames: int, resolution: int, elevation: float = 20.0,
-                  radius: float = 2.0) -> np.ndarray:
-        """(frames, R, R, 3) uint8 views around the +z axis, 360/frames degrees apart."""
-        c2w = np.stack([orbit_c2w(360.0 * f / frames, elevation, radius) for f in range(frames)])
+    def views(self, triplane: torch.Tensor, azimuths, resolution: int, elevation: float = 20.0,
+              radius: float = 2.0) -> np.ndarray:
+        """(len(azimuths), R, R, 3) uint8 views around the +z axis at these azimuths (degrees)."""
+        c2w = np.stack([orbit_c2w(float(a), elevation, radius) for a in azimuths])
         cams = torch.from_numpy(pack_cameras(c2w, normalized_intrinsics())).float().to(self.device)
         images = [self.vqvae.render(triplane, c[None], resolution=resolution, deterministic=True)["image_raw"]
                   for c in cams]
         return to_uint8((torch.cat(images) + 1) / 2)
+
+    def turntable(self, triplane: torch.Tensor, frames: int, resolution: int) -> np.ndarray:
+        """`frames` views 360/frames degrees apart, from azimuth 0."""
+        return self.views(triplane, [360.0 * f / frames for f in range(frames)], resolution)
 
     def mesh(self, triplane: torch.Tensor, resolution: int):
         """-> vertices (N, 3) world units, faces (F, 3), colours (N, 3) uint8."""
@@ -172,19 +176,23 @@ class Generator3D:
         return extract_mesh(r, triplane, resolution=resolution, progress=False)
 
 
-def build_generator(kind: str, args, device) -> Generator3D:
-    official = {"vqvae": OFFICIAL["vqvae-flexicubes" if args.decoder == "flexicubes" else "vqvae"],
-                "ar": OFFICIAL[kind]} if args.official else {"vqvae": DEMO_MODELS["vqvae"], "ar": DEMO_MODELS[kind]}
-    vq_src, ar_src = Path(args.vqvae or official["vqvae"]), Path(args.ar or official["ar"])
+def build_generator(kind: str, device, vqvae: str | None = None, ar: str | None = None, encoder: str | None = None,
+                    decoder: str = "nerf", official: bool = False) -> Generator3D:
+    """The models of one condition kind: the given checkpoints, else the official files in
+    checkpoints/ (official) or the embedded demo model; the encoder the generator was trained
+    with unless `encoder` names another."""
+    defaults = {"vqvae": OFFICIAL["vqvae-flexicubes" if decoder == "flexicubes" else "vqvae"],
+                "ar": OFFICIAL[kind]} if official else {"vqvae": DEMO_MODELS["vqvae"], "ar": DEMO_MODELS[kind]}
+    vq_src, ar_src = Path(vqvae or defaults["vqvae"]), Path(ar or defaults["ar"])
     for what, src in (("--vqvae", vq_src), ("--ar", ar_src)):
         if not src.exists():
-            hint = ("put the official files in checkpoints/ under their official names" if args.official else
+            hint = ("put the official files in checkpoints/ under their official names" if official else
                     "pass it by path, or rebuild the demo models with bash scripts/train_demo.sh")
             raise FileNotFoundError(f"{what}: no checkpoint at {src}; {hint}")
-    vqvae = load_vqvae_any(vq_src, args.decoder, device)
-    ar = load_ar_any(ar_src, kind, device)
-    encoder_src = getattr(args, f"{kind}_encoder") or ar.cfg.encoder or None
-    return Generator3D(kind, vqvae, ar, load_conditioner(kind, encoder_src, device), device)
+    vq_model = load_vqvae_any(vq_src, decoder, device)
+    ar_model = load_ar_any(ar_src, kind, device)
+    encoder_src = encoder or ar_model.cfg.encoder or None
+    return Generator3D(kind, vq_model, ar_model, load_conditioner(kind, encoder_src, device), device)
 
 
 # ----------------------------------------------------------------------------- main
@@ -239,7 +247,8 @@ def main(argv=None) -> int:
         names = [slug(p) for p in inputs]
     device = torch.device(args.device)
     t0 = time.perf_counter()
-    gen = build_generator(kind, args, device)
+    gen = build_generator(kind, device, args.vqvae, args.ar, getattr(args, f"{kind}_encoder"), args.decoder,
+                          args.official)
     print(f"loaded models in {time.perf_counter() - t0:.1f} s", flush=True)
     sampling = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
     for i, (x, name) in enumerate(zip(inputs, names)):

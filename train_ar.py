@@ -50,13 +50,13 @@ from models.vqvae import load_vqvae  # noqa: E402
 from trainers import distributed  # noqa: E402
 from trainers.cli import add_run_args, load_run_config, model_config  # noqa: E402
 from trainers.runlog import RunLog  # noqa: E402
-from trainers.schedule import lr_factor  # noqa: E402
 from trainers.sampler import IndexedDataset, StepBatches, seeded_generator  # noqa: E402
+from trainers.schedule import lr_factor  # noqa: E402
 from trainers.state import load_train_state, save_train_state  # noqa: E402
-from utils.media import to_uint8  # noqa: E402
 from utils.checkpoint import save_model  # noqa: E402
 from utils.cli import run  # noqa: E402
 from utils.config import to_dict  # noqa: E402
+from utils.media import to_uint8  # noqa: E402
 
 log = logging.getLogger("train_ar")
 

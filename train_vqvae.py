@@ -41,8 +41,8 @@ from models.vqvae import TriplaneVQVAE, VQVAEConfig  # noqa: E402
 from trainers import distributed  # noqa: E402
 from trainers.cli import add_run_args, load_run_config, model_config  # noqa: E402
 from trainers.runlog import RunLog  # noqa: E402
-from trainers.schedule import lr_factor  # noqa: E402
 from trainers.sampler import IndexedDataset, StepBatches, seeded_generator  # noqa: E402
+from trainers.schedule import lr_factor  # noqa: E402
 from trainers.state import EMA, load_train_state, save_train_state  # noqa: E402
 from utils.cameras import crop_cameras  # noqa: E402
 from utils.checkpoint import save_model  # noqa: E402
@@ -281,8 +281,9 @@ def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool, stop
         per_micro = objects_per_rank // n_micro
         gan_on = step >= t.gan_start and t.gan_g_weight + t.gan_d_weight > 0
         fakes_all, reals_all = [], []
+        factor = lr_factor(step, t)
         for group in opt.param_groups:
-            group["lr"] = peak_lr[group["name"]] * lr_factor(step, t)
+            group["lr"] = peak_lr[group["name"]] * factor
         for m in range(n_micro):
             sl = slice(m * per_micro, (m + 1) * per_micro)
             mb = {k: v[sl] for k, v in batch.items()}
@@ -337,7 +338,7 @@ def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool, stop
         logs = distributed.mean_across(logs, d)
         if not math.isfinite(logs["loss"]):
             raise FloatingPointError(f"step {step}: the loss is {logs['loss']} (lower the learning rates, or amp: none)")
-        logs.update(grad_norm=float(grad_norm), lr_factor=lr_factor(step - 1, t))
+        logs.update(grad_norm=float(grad_norm), lr_factor=factor)
         if run_log.step(step, logs, {"loss": f"{logs['loss']:.4f}", "l1": f"{logs['l1']:.4f}"}):
             for si, u in enumerate(usage.tolist()):
                 run_log.writer.add_scalar(f"codebook_usage/scale{si}", u, step)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from datasets.gbuffer import load_index, read_text  # noqa: E402
 from datasets.shapes import FAMILIES, PALETTE, PROPORTIONS, Part, ProceduralShape, sample_shape  # noqa: E402
 from renderers.mesh_render import sample_surface  # noqa: E402
-from sample import DEMO_MODELS, build_generator  # noqa: E402
+from sample import build_generator  # noqa: E402
 from utils.cli import run  # noqa: E402
 
 NUM_POINTS = 1000
@@ -127,8 +127,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1000, help="shape seed of the prompts (training data: 0)")
     ap.add_argument("--sample-seed", type=int, default=0)
     ap.add_argument("--data-dir", type=Path, help="training dataset: skip prompts whose caption it holds")
-    ap.add_argument("--vqvae", default=str(DEMO_MODELS["vqvae"]))
-    ap.add_argument("--ar", default=str(DEMO_MODELS["text"]))
+    ap.add_argument("--vqvae", help="VQVAE folder (default: the demo model)")
+    ap.add_argument("--ar", help="text generator folder (default: the demo model)")
     ap.add_argument("--text-encoder")
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--top-k", type=int, default=10)
@@ -139,8 +139,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.num < 1:
         raise ValueError(f"--num must be positive, got {args.num}")
-    args.official, args.decoder, args.image_encoder = False, "nerf", None
-    gen = build_generator("text", args, torch.device(args.device))
+    gen = build_generator("text", torch.device(args.device), args.vqvae, args.ar, args.text_encoder)
     prompts = held_out_prompts(args.num, args.seed, args.data_dir)
     refs = templates()
     results, tiles = [], []
@@ -155,7 +154,7 @@ def main(argv=None) -> int:
             got_family, got_colour = "none", "none"
         results.append({"prompt": prompt, "family": family, "colour": colour,
                         "predicted_family": got_family, "predicted_colour": got_colour})
-        view = gen.turntable(planes, 8, 128)[1]
+        view = gen.views(planes, [45.0], 128)[0]
         tiles.append((view, [prompt[-26:], f"{'ok' if got_family == family else 'NO'} {got_family}",
                              f"{'ok' if got_colour == colour else 'NO'} {got_colour}"]))
     accuracy = lambda rs, key: float(np.mean([r[f"predicted_{key}"] == r[key] for r in rs]))

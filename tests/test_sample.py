@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """A tiny random VQVAE whose density is high everywhere (so there is a surface), a tiny text
-    generator over its tokens, and the tiny BERT it is conditioned on."""
+    """A tiny random VQVAE whose density is high everywhere (so there is a surface), tiny text and
+    image generators over its tokens, and the tiny BERT and random MobileNetV2 they are conditioned on."""
+    from models.mobilenet import MobileNetV2
     root = tmp_path_factory.mktemp("models")
     bert = save_tiny_bert(root / "bert")
     torch.manual_seed(0)
@@ -37,6 +38,11 @@ def models(tmp_path_factory):
                     cross_attn="after_self", patch_nums=vcfg.quantizer.patch_nums, vocab_size=vcfg.quantizer.vocab_size,
                     c_vae=vcfg.quantizer.c_vae, encoder=str(bert))
     save_model(root / "ar", NextScaleAR(acfg).state_dict(), to_dict(acfg), "ar")
+    torch.save(MobileNetV2().eval().state_dict(), root / "mnv2.pth")
+    icfg = ARConfig(condition="image", depth=1, width=32, num_heads=2, pooled_dim=1280, seq_dim=1280,
+                    cross_attn="first", patch_nums=acfg.patch_nums, vocab_size=acfg.vocab_size, c_vae=acfg.c_vae,
+                    encoder=str(root / "mnv2.pth"))
+    save_model(root / "ar_image", NextScaleAR(icfg).state_dict(), to_dict(icfg), "ar")
     return root
 
 
@@ -119,6 +125,19 @@ def test_test_text_sh_runs_every_prompt_of_the_official_file(models, tmp_path):
     prompts = json.loads((ROOT / "test_files" / "test_text.json").read_text())["test_promts"]
     for p in prompts:
         assert (tmp_path / f"{sample.slug(p)}_0" / "mesh.glb").is_file()
+
+
+def test_test_image_sh_runs_every_image_of_test_files(models, tmp_path):
+    r = subprocess.run(["bash", str(ROOT / "test_image.sh"), "--vqvae", str(models / "vqvae"), "--ar",
+                        str(models / "ar_image"), "--output-dir", str(tmp_path), "--no-video", "--render-resolution", "16",
+                        "--frames", "2", "--mesh-resolution", "12"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    images = sorted((ROOT / "test_files" / "images").glob("*.png"))
+    assert images
+    for p in images:
+        out = tmp_path / f"{sample.slug(p.stem)}_0"
+        assert (out / "mesh.glb").is_file() and (out / "preview.png").is_file()
+        assert Image.open(out / "input.png").mode == "RGB"
 
 
 def test_eval_prompts_writes_accuracies_and_a_contact_sheet(models, tmp_path, capsys):
