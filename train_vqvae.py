@@ -76,7 +76,9 @@ class TrainConfig:
     # supervision
     render_resolution: int = 64      # targets are resized to this; renders cover all of it or a patch
     patch_size: int | None = None    # official: 130 of 256; None renders the whole image
-    patch_in_bbox: float = 0.875     # share of patches centred inside the foreground box
+    patch_in_bbox: float = 0.875     # share of patches centred (of random rays) inside the foreground box
+    rays_per_view: int | None = None  # random pixels per target view instead of patches (NeRF only,
+                                     # no LPIPS or GAN): every view of a sample supervised at once
     views_per_sample: int = 12       # target views rendered per sample (random subset when < 12)
     l1_weight: float = 1.0
     perceptual_weight: float = 0.8   # LPIPS-VGG, from `perceptual_start` on; off when its weights are absent
@@ -119,14 +121,17 @@ def collate(samples: list) -> dict:
 # ----------------------------------------------------------------------------- one step
 
 def choose_views(cfg: TrainConfig, g: torch.Generator, alpha_VHW: torch.Tensor, c_V25: torch.Tensor):
-    """The target views of one sample and, with patches, the cameras of its patches.
-    Returns (view ids (V,), cameras (V, 25), pixel offsets y0, x0 (V,) or None)."""
+    """The target views of one sample and what of them is rendered. Returns (view ids (V,),
+    cameras (V, 25), region): region None for whole views, a pair of patch offsets y0, x0 (V,)
+    (the cameras are then those of the patches), or random pixel indices (V, rays_per_view)."""
     n = alpha_VHW.shape[0]
     views = torch.randperm(n, generator=g)[:cfg.views_per_sample].sort().values if cfg.views_per_sample < n \
         else torch.arange(n)
     res, p = cfg.render_resolution, cfg.patch_size
+    if cfg.rays_per_view:
+        return views, c_V25[views], random_pixels(cfg, g, alpha_VHW[views])
     if p is None or p >= res:
-        return views, c_V25[views], None, None
+        return views, c_V25[views], None
     y0, x0 = torch.randint(0, res - p + 1, (2, len(views)), generator=g)
     in_box = torch.rand(len(views), generator=g) < cfg.patch_in_bbox
     u = torch.rand(2, len(views), generator=g)
@@ -137,15 +142,36 @@ def choose_views(cfg: TrainConfig, g: torch.Generator, alpha_VHW: torch.Tensor, 
             cx = xs.min() + u[1, j] * (xs.max() - xs.min())
             y0[j] = (cy - p // 2).round().clamp(0, res - p).long()
             x0[j] = (cx - p // 2).round().clamp(0, res - p).long()
-    return views, crop_cameras(c_V25[views], x0, y0, p, res), y0, x0
+    return views, crop_cameras(c_V25[views], x0, y0, p, res), (y0, x0)
 
 
-def sample_targets(mb: dict, o: int, views, y0, x0, p: int | None, device):
+def random_pixels(cfg: TrainConfig, g: torch.Generator, alpha_VHW: torch.Tensor, margin: int = 2) -> torch.Tensor:
+    """(V, rays_per_view) sorted row-major pixel indices per view: a `patch_in_bbox` share drawn
+    uniformly inside the foreground box grown by `margin` pixels, the rest over the whole view."""
+    V, H, W = alpha_VHW.shape
+    n_in = round(cfg.rays_per_view * cfg.patch_in_bbox)
+    u = torch.rand(V, cfg.rays_per_view, 2, generator=g)
+    y, x = u[..., 0] * H, u[..., 1] * W
+    for v in range(V):
+        ys, xs = torch.nonzero(alpha_VHW[v] > 0.5, as_tuple=True)
+        if len(ys):
+            y0, y1 = max(int(ys.min()) - margin, 0), min(int(ys.max()) + 1 + margin, H)
+            x0, x1 = max(int(xs.min()) - margin, 0), min(int(xs.max()) + 1 + margin, W)
+            y[v, :n_in] = y0 + u[v, :n_in, 0] * (y1 - y0)
+            x[v, :n_in] = x0 + u[v, :n_in, 1] * (x1 - x0)
+    return (y.long().clamp(max=H - 1) * W + x.long().clamp(max=W - 1)).sort(-1).values
+
+
+def sample_targets(mb: dict, o: int, views, region, p: int | None, device):
     """Ground-truth rgb (V, 3, h, w), opacity and depth (V, h, w) of object o's chosen views,
-    cropped to their patches when there are patches."""
+    cropped to their patches or gathered at their pixels (h = 1, w = rays) as `region` says."""
     def crop(img_VCHW):
-        if y0 is None:
+        if region is None:
             return img_VCHW
+        if isinstance(region, torch.Tensor):
+            V, C = img_VCHW.shape[:2]
+            return img_VCHW.flatten(2).gather(2, region[:, None].expand(V, C, -1))[:, :, None]
+        y0, x0 = region
         return torch.stack([img_VCHW[j, :, y:y + p, x:x + p] for j, (y, x) in enumerate(zip(y0.tolist(), x0.tolist()))])
     return (crop(mb["target_rgb"][o][views]).to(device), crop(mb["target_alpha"][o][views][:, None])[:, 0].to(device),
             crop(mb["target_depth"][o][views][:, None])[:, 0].to(device))
@@ -160,9 +186,11 @@ class ReconstructionStep(nn.Module):
         self.vqvae = vqvae
 
     def forward(self, x_NChw: torch.Tensor, cams: list, generators: list):
+        """cams: per sample (cameras, resolution, pixel indices or None)."""
         triplane, vq_loss, usage = self.vqvae(x_NChw)
-        renders = [self.vqvae.render(triplane[j:j + 1], c, resolution=res, generator=g)
-                   for j, ((c, res), g) in enumerate(zip(cams, generators))]
+        renders = [self.vqvae.render(triplane[j:j + 1], c, resolution=res, generator=g,
+                                     **({} if pix is None else {"pixels": pix}))
+                   for j, ((c, res, pix), g) in enumerate(zip(cams, generators))]
         return renders, vq_loss, usage
 
 
@@ -178,7 +206,9 @@ def reconstruction_losses(cfg: TrainConfig, renders: list, targets: list, lpips=
             total = total + cfg.perceptual_weight * l_p
             logs["lpips"] += l_p.item() / len(renders)
         l_alpha = (r["weights_samples"][:, 0] - alpha).abs().mean()
-        l_depth = scale_shift_invariant_loss(r["image_depth"][:, 0].float(), depth, alpha > 0.5)
+        # the gradient term compares neighbouring pixels: random rays have none
+        l_depth = scale_shift_invariant_loss(r["image_depth"][:, 0].float(), depth, alpha > 0.5,
+                                             alpha=0.0 if cfg.rays_per_view else 0.5)
         if l_depth.item() > cfg.depth_max:   # a sample the depth term cannot fit yet; skip as the official
             l_depth = l_depth * 0.0
         total = total + cfg.l1_weight * l1 + cfg.alpha_weight * l_alpha + cfg.depth_weight * l_depth
@@ -226,6 +256,10 @@ def evaluate(model: TriplaneVQVAE, ds: GBufferDataset, cfg: VQVAERunConfig, devi
 def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool, stop_at: int | None = None) -> dict:
     """Train to train.max_steps (the learning-rate schedule's length), or stop early at `stop_at`."""
     t = cfg.train
+    if t.rays_per_view and (cfg.renderer_kind != "nerf" or t.perceptual_weight > 0 or t.gan_g_weight > 0
+                            or t.gan_d_weight > 0):
+        raise ValueError("train.rays_per_view renders scattered pixels: it needs renderer_kind nerf and "
+                         "train.perceptual_weight, gan_g_weight and gan_d_weight at 0 (they need patches)")
     d = distributed.setup()
     torch.manual_seed(t.seed)
     device = d.device
@@ -296,11 +330,12 @@ def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool, stop
             for o in range(len(mb["pos"])):
                 for h in range(len(view_sets)):
                     g = seeded_generator(t.seed, step, 2 * int(mb["pos"][o]) + h)
-                    views, c, y0, x0 = choose_views(t, g, mb["target_alpha"][o], mb["c"][o])
-                    res = t.render_resolution if y0 is None else t.patch_size
-                    cams.append((c.to(device), res))
+                    views, c, region = choose_views(t, g, mb["target_alpha"][o], mb["c"][o])
+                    pix = region.to(device) if isinstance(region, torch.Tensor) else None
+                    cams.append((c.to(device), t.patch_size if isinstance(region, tuple) else t.render_resolution,
+                                 pix))
                     gens.append(g)
-                    targets.append(sample_targets(mb, o, views, y0, x0, t.patch_size, device))
+                    targets.append(sample_targets(mb, o, views, region, t.patch_size, device))
             sync = nullcontext() if (not d.enabled or m == n_micro - 1) else train_step.no_sync()
             with sync:
                 with autocast():

@@ -56,7 +56,7 @@ class PointDecoder(nn.Module):
 
     def forward(self, feats: torch.Tensor):
         """feats (..., 3*C) -> raw density sigma (..., 1) and rgb (..., 3) in [-0.001, 1.001]."""
-        out = self.net(feats)
+        out = self.net(feats).float()     # under a bf16 autocast, compositing stays in float32
         # The widened sigmoid (MipNeRF) lets colours reach exactly 0 and 1 with finite logits.
         return out[..., :1], torch.sigmoid(out[..., 1:]) * 1.002 - 0.001
 
@@ -202,8 +202,10 @@ class NeRFRenderer(nn.Module):
 
     def forward(self, planes: torch.Tensor, c: torch.Tensor, resolution: int | None = None,
                 deterministic: bool | None = None, return_coords: bool = False,
-                generator: torch.Generator | None = None) -> dict:
-        """planes (B or 1, 3*C, Hp, Wp); c (B, 25) c.npy camera rows. Renders H = W = resolution.
+                generator: torch.Generator | None = None, pixels: torch.Tensor | None = None) -> dict:
+        """planes (B or 1, 3*C, Hp, Wp); c (B, 25) c.npy camera rows. Renders H = W = resolution,
+        or with `pixels` (B, R) (row-major indices into the resolution^2 image) only those rays, as
+        1 x R images (random-ray supervision).
 
         Returns image_raw (B, 3, H, W) in [-1, 1]; image_depth (B, 1, H, W), sum(w * z) in world
         units, not divided by the opacity (background pixels -> 0, then clamped to the min/max of
@@ -216,17 +218,21 @@ class NeRFRenderer(nn.Module):
         B = c.shape[0]
         planes = planes.reshape(planes.shape[0], 3, -1, *planes.shape[-2:]).expand(B, -1, -1, -1, -1)
         o, d = camera_rays(c.to(planes.device), res)
+        if pixels is not None:
+            pick = pixels.to(o.device)[..., None].expand(-1, -1, 3)
+            o, d = o.gather(1, pick), d.gather(1, pick)
+        n_rays, (h, w) = o.shape[1], (res, res) if pixels is None else (1, pixels.shape[1])
         # Ray ranges and the depth clamp are batch-wide in the official code, so they are computed
         # outside the chunks: chunking then changes nothing.
         near, far, _ = ray_box_limits(o, d, cfg.box_side)
-        step = cfg.chunk_rays or res * res
+        step = cfg.chunk_rays or n_rays
         chunks = [self._render_rays(planes, o[:, i:i + step], d[:, i:i + step], near[:, i:i + step],
                                     far[:, i:i + step], det, generator, return_coords)
-                  for i in range(0, res * res, step)]
+                  for i in range(0, n_rays, step)]
         rgb, depth, wsum = (torch.cat([ch[k] for ch in chunks], 1) for k in range(3))
         z_lo, z_hi = torch.stack([ch[3] for ch in chunks]).min(), torch.stack([ch[4] for ch in chunks]).max()
         depth = torch.clamp(torch.nan_to_num(depth, float("inf")), z_lo, z_hi)
-        img = lambda t: t.permute(0, 2, 1).reshape(B, -1, res, res)
+        img = lambda t: t.permute(0, 2, 1).reshape(B, -1, h, w)
         out = {"image_raw": img(rgb), "image_depth": img(depth), "weights_samples": img(wsum),
                "image_mask": img(wsum) * 1.002 - 0.001}
         if return_coords:

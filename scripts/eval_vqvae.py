@@ -8,7 +8,9 @@ model's num_views), the views are resized to the encoder's input size as in trai
 (datasets.gbuffer.encoder_views), encoded, quantised and decoded to a triplane, which is
 rendered deterministically from all 12 cameras at --resolution and compared with the dataset's
 targets at that resolution (GBufferDataset(resolution=...)): PSNR and SSIM of the RGB on white,
-IoU of the masks (rendered opacity > 0.5 vs GT alpha > 0.5) and the mean absolute depth error.
+IoU of the masks (rendered opacity > 0.5 vs GT alpha > 0.5), the mean absolute depth error, and
+the colour error: the distance in RGB ([0, 1]) between the mean colours of render and GT over
+the pixels both cover (whether an object keeps its colour, whatever its shape).
 
 Depth. The renderer's depth is sum(w * t), the ray distance weighted by the compositing
 weights and not divided by the opacity; it is divided by the opacity where that exceeds 0.5,
@@ -49,9 +51,9 @@ from models.vqvae import TriplaneVQVAE, load_vqvae  # noqa: E402
 from renderers.nerf import camera_rays  # noqa: E402
 from utils.cameras import unpack_cameras  # noqa: E402
 from utils.cli import run  # noqa: E402
-from utils.metrics import depth_error, mask_iou, psnr, ssim  # noqa: E402
+from utils.metrics import colour_error, depth_error, mask_iou, psnr, ssim  # noqa: E402
 
-METRICS = ("psnr", "ssim", "mask_iou", "depth_error")
+METRICS = ("psnr", "ssim", "mask_iou", "depth_error", "colour_error")
 GRID_OBJECTS = 8
 GRID_VIEWS = (0, 3, 6, 9)
 EVAL_CHUNK_RAYS = 1024        # rays per camera at once when the config sets none: bounds memory
@@ -82,7 +84,8 @@ def score_views(pred_rgb, pred_opacity, pred_depth, pred_valid, gt_rgb, gt_alpha
     gt_fg = gt_alpha > 0.5
     return {"psnr": psnr(pred_rgb, gt_rgb), "ssim": ssim(pred_rgb, gt_rgb),
             "mask_iou": mask_iou(pred_opacity > 0.5, gt_fg),
-            "depth_error": depth_error(pred_depth, gt_depth, gt_fg & pred_valid & (gt_depth > 0))}
+            "depth_error": depth_error(pred_depth, gt_depth, gt_fg & pred_valid & (gt_depth > 0)),
+            "colour_error": colour_error(pred_rgb, gt_rgb, gt_fg & (pred_opacity > 0.5))}
 
 
 @torch.no_grad()
@@ -181,7 +184,8 @@ def main(argv=None):
     out.write_text(json.dumps(report, indent=1) + "\n")
     save_grid(grid, pairs)
     print(f"{n} objects ({args.split}, {args.resolution}px) | PSNR {mean['psnr']:.2f} dB | SSIM {mean['ssim']:.4f} | "
-          f"mask IoU {mean['mask_iou']:.4f} | depth error {mean['depth_error']:.4f} | {out} | {grid}")
+          f"mask IoU {mean['mask_iou']:.4f} | depth error {mean['depth_error']:.4f} | "
+          f"colour error {mean['colour_error']:.4f} | {out} | {grid}")
     return 0
 
 

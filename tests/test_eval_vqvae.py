@@ -62,8 +62,9 @@ def test_eval_writes_metrics_and_grid(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["num_objects"] == 2 and [o["path"] for o in report["objects"]] == ["disc/000000", "disc/000001"]
     for o in report["objects"] + [report["mean"]]:
-        assert set(o) >= {"psnr", "ssim", "mask_iou", "depth_error"} and "lpips" not in o
-        assert all(isinstance(o[k], float) and np.isfinite(o[k]) for k in ("psnr", "ssim", "mask_iou", "depth_error"))
+        keys = ("psnr", "ssim", "mask_iou", "depth_error", "colour_error")
+        assert set(o) >= set(keys) and "lpips" not in o
+        assert all(isinstance(o[k], float) and np.isfinite(o[k]) for k in keys)
         assert 0 < o["mask_iou"] < 1 and -1 <= o["ssim"] <= 1
     assert report["mean"]["psnr"] == pytest.approx(np.mean([o["psnr"] for o in report["objects"]]))
     with Image.open(grid) as im:
@@ -79,7 +80,7 @@ def test_perfect_reconstruction_scores():
     depth = alpha * 1.7
     s = score_views(rgb, alpha, depth, alpha > 0.5, rgb, alpha, depth)
     assert torch.isinf(s["psnr"]).all() and torch.allclose(s["ssim"], torch.ones(3))
-    assert (s["mask_iou"] == 1).all() and (s["depth_error"] == 0).all()
+    assert (s["mask_iou"] == 1).all() and (s["depth_error"] == 0).all() and (s["colour_error"] == 0).all()
 
 
 def test_rendered_depth_becomes_camera_z():

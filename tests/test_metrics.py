@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.metrics import depth_error, gaussian_window, mask_iou, psnr, ssim
+from utils.metrics import colour_error, depth_error, gaussian_window, mask_iou, psnr, ssim
 
 
 def test_psnr_values():
@@ -84,3 +84,18 @@ def test_depth_error():
     assert math.isnan(depth_error(pred, gt, torch.zeros_like(mask)).item())
     with pytest.raises(ValueError, match="depth_error"):
         depth_error(pred, gt, mask[..., :1])
+
+
+def test_colour_error():
+    gt = torch.zeros(2, 3, 2, 2)
+    gt[:, 0] = 1.0                                     # red everywhere
+    pred = gt.clone()
+    pred[0, :, 0, 0] = torch.tensor([0.0, 0.0, 1.0])   # one blue pixel, one outside the mask
+    pred[0, :, 1, 1] = torch.tensor([0.0, 1.0, 0.0])
+    mask = torch.ones(2, 2, 2, dtype=torch.bool)
+    mask[:, 1, 1] = False
+    err = colour_error(pred, gt, mask)
+    assert err[0].item() == pytest.approx(math.dist((2 / 3, 0, 1 / 3), (1, 0, 0))) and err[1].item() == 0
+    assert math.isnan(colour_error(pred, gt, torch.zeros_like(mask))[0].item())
+    with pytest.raises(ValueError, match="colour_error"):
+        colour_error(pred, gt, mask[:, :1])

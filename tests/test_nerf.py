@@ -151,3 +151,16 @@ def test_chunked_equals_unchunked():
     assert (a["weights_samples"] == 0).any()                       # rays that miss are in the batch
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_pixel_rays_render_the_full_image_at_those_pixels():
+    planes, c = _random_planes(), _cameras(radius=1.5)   # some rays miss the box: they stay white
+    r = _random_renderer(resolution=16, n_coarse=24, n_importance=24, deterministic=True)
+    pixels = torch.stack([torch.randperm(256, generator=torch.Generator().manual_seed(j))[:40].sort().values
+                          for j in range(2)])
+    with torch.no_grad():
+        full, part = r(planes, c), r(planes, c, pixels=pixels)
+    for k in ("image_raw", "weights_samples"):
+        assert part[k].shape == (2, full[k].shape[1], 1, 40)
+        ref = full[k].flatten(2).gather(2, pixels[:, None].expand(-1, full[k].shape[1], -1))
+        assert torch.allclose(part[k][:, :, 0], ref, atol=1e-5), k

@@ -58,7 +58,8 @@ def test_resume_gives_the_weights_of_a_straight_run(shapes_root, tmp_path):
     assert state["kind"] == "vqvae" and "train" not in state
 
 
-def test_the_losses_decrease_on_two_objects(shapes_root, tmp_path):
+@pytest.mark.parametrize("mode", ["patches", "rays"])
+def test_the_losses_decrease_on_two_objects(shapes_root, tmp_path, mode):
     index = json.loads((shapes_root / "dataset.json").read_text())
     root = tmp_path / "two_objects"
     root.mkdir()
@@ -66,6 +67,9 @@ def test_the_losses_decrease_on_two_objects(shapes_root, tmp_path):
         (root / label).symlink_to(shapes_root / label)
     (root / "dataset.json").write_text(json.dumps({label: index[label] for label in ("sphere", "box")}))
     lr = [f"train.{k}=2.0e-3" for k in ("lr_encoder", "lr_dit", "lr_rest")]
+    if mode == "rays":       # 24 random pixels of each of the 12 views instead of 4 patches
+        lr += ["train.rays_per_view=24", "train.views_per_sample=12", "train.perceptual_weight=0",
+               "train.gan_g_weight=0", "train.gan_d_weight=0"]
     assert _train(root, tmp_path / "run", 40, *[a for x in lr for a in ("--set", x)]) == 0
     log = _log(tmp_path / "run")
     for key in ("l1", "alpha"):
@@ -100,6 +104,8 @@ def test_clear_errors(shapes_root, tmp_path, capsys):
     assert "patch_size" in capsys.readouterr().err
     assert _train(shapes_root, tmp_path / "x", 1, "--set", "train.patch_size=8") == 2
     assert "too small for a discriminator" in capsys.readouterr().err
+    assert _train(shapes_root, tmp_path / "x", 1, "--set", "train.rays_per_view=8") == 2
+    assert "rays_per_view" in capsys.readouterr().err
     assert _train(tmp_path / "no_data", tmp_path / "y", 1) == 2
     err = capsys.readouterr().err
     assert "no_data" in err and "Traceback" not in err
@@ -128,6 +134,19 @@ def test_scale_shift_alignment_against_a_float64_least_squares():
     # an affine copy of the target costs nothing, whatever the scale and shift
     assert scale_shift_invariant_loss(3.0 * target - 0.7, target, mask).item() < 1e-10
     assert scale_shift_invariant_loss(pred, target, mask).item() > 1e-3
+
+
+def test_random_pixels_favour_the_foreground_box():
+    alpha = torch.zeros(3, 32, 32)
+    alpha[:, 10:14, 20:26] = 1                               # a 4 x 6 object
+    t = train_vqvae.TrainConfig(rays_per_view=400, patch_in_bbox=0.75)
+    pix = train_vqvae.random_pixels(t, torch.Generator().manual_seed(0), alpha, margin=2)
+    assert pix.shape == (3, 400) and (pix[:, 1:] >= pix[:, :-1]).all() and 0 <= pix.min() and pix.max() < 32 * 32
+    y, x = pix // 32, pix % 32
+    inside = ((y >= 8) & (y < 16) & (x >= 18) & (x < 28)).float().mean().item()
+    assert inside == pytest.approx(0.75 + 0.25 * 80 / 1024, abs=0.03)    # the box share, plus uniform hits
+    empty = train_vqvae.random_pixels(t, torch.Generator().manual_seed(0), torch.zeros(1, 32, 32))
+    assert empty.float().std() > 200                          # no foreground: spread over the whole view
 
 
 def test_cropped_cameras_render_the_crop_of_the_full_image():

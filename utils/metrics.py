@@ -75,6 +75,20 @@ def depth_error(pred_depth: torch.Tensor, gt_depth: torch.Tensor, mask: torch.Te
     return torch.where(n > 0, err / n.clamp_min(1), math.nan).float()
 
 
+def colour_error(pred_rgb: torch.Tensor, gt_rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance between the mean colours of pred and gt (..., C, H, W) over the pixels
+    of `mask` (..., H, W): whether an object came out in its colour, whatever its shape. NaN where
+    the mask is empty."""
+    _check_pair(pred_rgb, gt_rgb, "colour_error")
+    if mask.shape != pred_rgb.shape[:-3] + pred_rgb.shape[-2:]:
+        raise ValueError(f"colour_error: mask of shape {tuple(mask.shape)} for images {tuple(pred_rgb.shape)}")
+    m = mask.bool().unsqueeze(-3).double()
+    n = m.flatten(-2).sum(-1)                                           # (..., 1)
+    mean = lambda x: (x.double() * m).flatten(-2).sum(-1) / n.clamp_min(1)
+    dist = (mean(pred_rgb) - mean(gt_rgb)).norm(dim=-1)
+    return torch.where(n[..., 0] > 0, dist, math.nan).float()
+
+
 def _check_pair(pred: torch.Tensor, target: torch.Tensor, name: str):
     if pred.shape != target.shape or pred.dim() < 3:
         raise ValueError(f"{name}: expected two (..., C, H, W) images of one shape, got "
