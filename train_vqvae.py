@@ -136,13 +136,20 @@ def choose_views(cfg: TrainConfig, g: torch.Generator, alpha_VHW: torch.Tensor, 
     in_box = torch.rand(len(views), generator=g) < cfg.patch_in_bbox
     u = torch.rand(2, len(views), generator=g)
     for j, v in enumerate(views.tolist()):
-        ys, xs = torch.nonzero(alpha_VHW[v] > 0.5, as_tuple=True)
-        if in_box[j] and len(ys):              # a centre inside the foreground box, patch clamped to the image
-            cy = ys.min() + u[0, j] * (ys.max() - ys.min())
-            cx = xs.min() + u[1, j] * (xs.max() - xs.min())
+        box = foreground_box(alpha_VHW[v])
+        if in_box[j] and box is not None:      # a centre inside the foreground box, patch clamped to the image
+            (ya, yb), (xa, xb) = box
+            cy = ya + u[0, j] * (yb - ya)
+            cx = xa + u[1, j] * (xb - xa)
             y0[j] = (cy - p // 2).round().clamp(0, res - p).long()
             x0[j] = (cx - p // 2).round().clamp(0, res - p).long()
     return views, crop_cameras(c_V25[views], x0, y0, p, res), (y0, x0)
+
+
+def foreground_box(alpha_HW: torch.Tensor):
+    """((first row, last row), (first column, last column)) of the pixels with alpha > 0.5, or None."""
+    ys, xs = torch.nonzero(alpha_HW > 0.5, as_tuple=True)
+    return ((int(ys.min()), int(ys.max())), (int(xs.min()), int(xs.max()))) if len(ys) else None
 
 
 def random_pixels(cfg: TrainConfig, g: torch.Generator, alpha_VHW: torch.Tensor, margin: int = 2) -> torch.Tensor:
@@ -153,10 +160,11 @@ def random_pixels(cfg: TrainConfig, g: torch.Generator, alpha_VHW: torch.Tensor,
     u = torch.rand(V, cfg.rays_per_view, 2, generator=g)
     y, x = u[..., 0] * H, u[..., 1] * W
     for v in range(V):
-        ys, xs = torch.nonzero(alpha_VHW[v] > 0.5, as_tuple=True)
-        if len(ys):
-            y0, y1 = max(int(ys.min()) - margin, 0), min(int(ys.max()) + 1 + margin, H)
-            x0, x1 = max(int(xs.min()) - margin, 0), min(int(xs.max()) + 1 + margin, W)
+        box = foreground_box(alpha_VHW[v])
+        if box is not None:
+            (ya, yb), (xa, xb) = box
+            y0, y1 = max(ya - margin, 0), min(yb + 1 + margin, H)
+            x0, x1 = max(xa - margin, 0), min(xb + 1 + margin, W)
             y[v, :n_in] = y0 + u[v, :n_in, 0] * (y1 - y0)
             x[v, :n_in] = x0 + u[v, :n_in, 1] * (x1 - x0)
     return (y.long().clamp(max=H - 1) * W + x.long().clamp(max=W - 1)).sort(-1).values
