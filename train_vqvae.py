@@ -56,7 +56,9 @@ log = logging.getLogger("train_vqvae")
 @dataclass
 class TrainConfig:
     """Defaults: the official recipe where it applies (spec §2.7, §4)."""
-    batch_size: int = 8              # objects per optimizer step over all processes (each gives 2 samples)
+    batch_size: int = 8              # objects per optimizer step over all processes
+    view_sets_per_object: int = 2    # samples per object: both encoder view sets (official), or 1, a
+                                     # random one: twice the objects for the same work per step
     grad_accum: int = 1              # micro-batches per step and process
     max_steps: int = 100_000
     seed: int = 0
@@ -119,6 +121,14 @@ def collate(samples: list) -> dict:
 
 
 # ----------------------------------------------------------------------------- one step
+
+def sample_view_sets(cfg: TrainConfig, step: int, pos: int) -> list[int]:
+    """The encoder view sets (datasets.gbuffer.input_view_sets) that the object at batch
+    position `pos` of `step` is encoded from: both, or one drawn from (seed, step, pos)."""
+    if cfg.view_sets_per_object == 2:
+        return [0, 1]
+    return [int(torch.randint(2, (1,), generator=seeded_generator(cfg.seed, step, pos, 2)))]
+
 
 def choose_views(cfg: TrainConfig, g: torch.Generator, alpha_VHW: torch.Tensor, c_V25: torch.Tensor):
     """The target views of one sample and what of them is rendered. Returns (view ids (V,),
@@ -268,6 +278,8 @@ def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool, stop
                             or t.gan_d_weight > 0):
         raise ValueError("train.rays_per_view renders scattered pixels: it needs renderer_kind nerf and "
                          "train.perceptual_weight, gan_g_weight and gan_d_weight at 0 (they need patches)")
+    if t.view_sets_per_object not in (1, 2):
+        raise ValueError(f"train.view_sets_per_object must be 1 or 2, got {t.view_sets_per_object}")
     d = distributed.setup()
     torch.manual_seed(t.seed)
     device = d.device
@@ -329,21 +341,18 @@ def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool, stop
         for m in range(n_micro):
             sl = slice(m * per_micro, (m + 1) * per_micro)
             mb = {k: v[sl] for k, v in batch.items()}
-            # each object gives two samples, one per view set; sample position 2·object + set
-            xs, cams, gens, targets = [], [], [], []
-            for h, vs in enumerate(view_sets):
-                xs.append(encoder_views(mb["rgb"], mb["depth"], mb["c"], vs, size).view(len(mb["pos"]), len(vs), -1,
-                                                                                       size, size))
-            x = torch.stack(xs, 1).flatten(0, 2).to(device)      # (objects·2·V, 10, S, S): samples object-major
-            for o in range(len(mb["pos"])):
-                for h in range(len(view_sets)):
-                    g = seeded_generator(t.seed, step, 2 * int(mb["pos"][o]) + h)
-                    views, c, region = choose_views(t, g, mb["target_alpha"][o], mb["c"][o])
-                    pix = region.to(device) if isinstance(region, torch.Tensor) else None
-                    cams.append((c.to(device), t.patch_size if isinstance(region, tuple) else t.render_resolution,
-                                 pix))
-                    gens.append(g)
-                    targets.append(sample_targets(mb, o, views, region, t.patch_size, device))
+            # an object gives one sample per view set it uses; sample key 2·position + set
+            samples = [(o, h) for o in range(len(mb["pos"])) for h in sample_view_sets(t, step, int(mb["pos"][o]))]
+            x = torch.cat([encoder_views(mb["rgb"][o:o + 1], mb["depth"][o:o + 1], mb["c"][o:o + 1], view_sets[h], size)
+                           for o, h in samples]).to(device)      # (samples·V, 10, S, S), samples object-major
+            cams, gens, targets = [], [], []
+            for o, h in samples:
+                g = seeded_generator(t.seed, step, 2 * int(mb["pos"][o]) + h)
+                views, c, region = choose_views(t, g, mb["target_alpha"][o], mb["c"][o])
+                pix = region.to(device) if isinstance(region, torch.Tensor) else None
+                cams.append((c.to(device), t.patch_size if isinstance(region, tuple) else t.render_resolution, pix))
+                gens.append(g)
+                targets.append(sample_targets(mb, o, views, region, t.patch_size, device))
             sync = nullcontext() if (not d.enabled or m == n_micro - 1) else train_step.no_sync()
             with sync:
                 with autocast():

@@ -67,9 +67,9 @@ def test_the_losses_decrease_on_two_objects(shapes_root, tmp_path, mode):
         (root / label).symlink_to(shapes_root / label)
     (root / "dataset.json").write_text(json.dumps({label: index[label] for label in ("sphere", "box")}))
     lr = [f"train.{k}=2.0e-3" for k in ("lr_encoder", "lr_dit", "lr_rest")]
-    if mode == "rays":       # 24 random pixels of each of the 12 views instead of 4 patches
+    if mode == "rays":       # 24 random pixels of each of the 12 views instead of 4 patches, one view set
         lr += ["train.rays_per_view=24", "train.views_per_sample=12", "train.perceptual_weight=0",
-               "train.gan_g_weight=0", "train.gan_d_weight=0"]
+               "train.gan_g_weight=0", "train.gan_d_weight=0", "train.view_sets_per_object=1"]
     assert _train(root, tmp_path / "run", 40, *[a for x in lr for a in ("--set", x)]) == 0
     log = _log(tmp_path / "run")
     for key in ("l1", "alpha"):
@@ -106,6 +106,8 @@ def test_clear_errors(shapes_root, tmp_path, capsys):
     assert "too small for a discriminator" in capsys.readouterr().err
     assert _train(shapes_root, tmp_path / "x", 1, "--set", "train.rays_per_view=8") == 2
     assert "rays_per_view" in capsys.readouterr().err
+    assert _train(shapes_root, tmp_path / "x", 1, "--set", "train.view_sets_per_object=3") == 2
+    assert "view_sets_per_object must be 1 or 2" in capsys.readouterr().err
     assert _train(tmp_path / "no_data", tmp_path / "y", 1) == 2
     err = capsys.readouterr().err
     assert "no_data" in err and "Traceback" not in err
@@ -134,6 +136,14 @@ def test_scale_shift_alignment_against_a_float64_least_squares():
     # an affine copy of the target costs nothing, whatever the scale and shift
     assert scale_shift_invariant_loss(3.0 * target - 0.7, target, mask).item() < 1e-10
     assert scale_shift_invariant_loss(pred, target, mask).item() > 1e-3
+
+
+def test_one_view_set_per_object_is_drawn_per_step_and_position():
+    one = train_vqvae.TrainConfig(view_sets_per_object=1)
+    draws = [train_vqvae.sample_view_sets(one, step, pos) for step in range(20) for pos in range(4)]
+    assert all(len(d) == 1 for d in draws) and {d[0] for d in draws} == {0, 1}
+    assert draws == [train_vqvae.sample_view_sets(one, step, pos) for step in range(20) for pos in range(4)]
+    assert train_vqvae.sample_view_sets(train_vqvae.TrainConfig(), 3, 1) == [0, 1]
 
 
 def test_random_pixels_favour_the_foreground_box():
