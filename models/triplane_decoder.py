@@ -54,6 +54,8 @@ class TriplaneDecoderConfig:
     sr_norm_groups: int = 32        # GroupNorm groups in conv_sr (must divide every width)
     triplane_channels: int = 32     # per plane; the triplane has 3x this many channels
     compute_dtype: str = "float32"  # "bfloat16" reproduces the official autocast
+    tokens_in_stream: bool = False  # also add the latent tokens to the DiT's query stream (not
+                                    # official: there they enter only through adaLN)
 
 
 # ----------------------------------------------------------------------------- DiT decoder
@@ -127,13 +129,15 @@ class DiTDecoder(nn.Module):
     """The official DiT2 without x/t embedders and final layer.
 
     The query stream starts as the learned `pos_embed` (1, 3·L, C); the condition tokens c
-    (B, 3·L, C) enter only through adaLN. Even blocks attend within each plane, odd blocks
-    over all 3·L tokens. No final norm. Returns (B, 3·L, C).
+    (B, 3·L, C) enter only through adaLN (with cfg.tokens_in_stream they are also added to the
+    stream, so that a fresh decoder already passes them on). Even blocks attend within each
+    plane, odd blocks over all 3·L tokens. No final norm. Returns (B, 3·L, C).
     """
 
     def __init__(self, cfg: TriplaneDecoderConfig):
         super().__init__()
         s = cfg.latent_size
+        self.tokens_in_stream = cfg.tokens_in_stream
         self.pos_embed = nn.Parameter(sincos_pos_embed_2d(cfg.hidden, NUM_PLANES * s, s)[None])
         self.blocks = nn.ModuleList(DiTBlock(cfg.hidden, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self._init_weights()
@@ -152,7 +156,7 @@ class DiTDecoder(nn.Module):
 
     def forward(self, c_BLC: torch.Tensor) -> torch.Tensor:
         B, L, C = c_BLC.shape
-        x = self.pos_embed.expand(B, -1, -1)
+        x = self.pos_embed + c_BLC if self.tokens_in_stream else self.pos_embed.expand(B, -1, -1)
         c_per_plane = c_BLC.reshape(B * NUM_PLANES, L // NUM_PLANES, C)
         for i, blk in enumerate(self.blocks):
             if i % 2 == 0:       # within-plane attention: planes folded into the batch

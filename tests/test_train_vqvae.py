@@ -138,6 +138,24 @@ def test_scale_shift_alignment_against_a_float64_least_squares():
     assert scale_shift_invariant_loss(pred, target, mask).item() > 1e-3
 
 
+def test_reconstruction_terms_against_a_float64_recomputation():
+    """RGB L1 and opacity terms of reconstruction_losses, weighted and averaged over samples."""
+    g = torch.Generator().manual_seed(0)
+    cfg = train_vqvae.TrainConfig(l1_weight=0.7, alpha_weight=0.4, depth_weight=0.0, rays_per_view=8)
+    renders, targets, expected = [], [], 0.0
+    for _ in range(2):
+        r = {"image_raw": torch.rand(4, 3, 1, 8, generator=g) * 2 - 1,
+             "weights_samples": torch.rand(4, 1, 1, 8, generator=g), "image_depth": torch.rand(4, 1, 1, 8, generator=g)}
+        rgb, alpha = torch.rand(4, 3, 1, 8, generator=g), torch.rand(4, 1, 8, generator=g)
+        renders.append(r)
+        targets.append((rgb, alpha, torch.rand(4, 1, 8, generator=g)))
+        err = r["image_raw"].double() - (rgb.double() * 2 - 1)
+        expected += (0.7 * err.abs().mean() + 0.4 * (r["weights_samples"][:, 0].double() - alpha.double()).abs().mean()) / 2
+    total, logs, _, _ = train_vqvae.reconstruction_losses(cfg, renders, targets)
+    assert abs(float(total) - float(expected)) < 1e-6
+    assert logs["l1"] > 0 and logs["alpha"] > 0
+
+
 def test_one_view_set_per_object_is_drawn_per_step_and_position():
     one = train_vqvae.TrainConfig(view_sets_per_object=1)
     draws = [train_vqvae.sample_view_sets(one, step, pos) for step in range(20) for pos in range(4)]

@@ -99,6 +99,18 @@ def test_tiny_shapes_and_gradients():
     assert torch.allclose(a[0], b[0]) and not torch.allclose(a[1], b[1])
 
 
+def test_tokens_in_stream_reach_a_fresh_decoder():
+    """With tokens_in_stream the latent tokens join pos_embed in the query stream, so even a fresh
+    (adaLN-zero) decoder passes them through: dit_out = pos_embed + ldm_upsample tokens."""
+    torch.manual_seed(0)
+    dec = TriplaneDecoder(TriplaneDecoderConfig(**{**TINY.__dict__, "tokens_in_stream": True}))
+    f_hat = torch.randn(6, TINY.latent_channels, TINY.latent_size, TINY.latent_size)
+    out = dec.stages(f_hat)
+    assert torch.allclose(out["dit_out"], dec.vit_decoder.pos_embed + out["ldm_upsample"], atol=1e-6)
+    out["triplane"].square().mean().backward()
+    assert dec.post_quant_conv.weight.grad.abs().sum() > 0 and dec.ldm_upsample.proj.weight.grad.abs().sum() > 0
+
+
 def test_bfloat16_compute_runs():
     dec = TriplaneDecoder(TriplaneDecoderConfig(**{**TINY.__dict__, "compute_dtype": "bfloat16"}))
     with torch.no_grad():
