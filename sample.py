@@ -124,30 +124,11 @@ def load_ar_any(source: Path, kind: str, device):
     return model
 
 
-class Generator3D:
-    """Everything loaded once: the encoder, the generator and the VQVAE of one condition kind."""
+class Decoder3D:
+    """A VQVAE loaded once: token ids -> triplanes -> views, turntables and meshes."""
 
-    def __init__(self, kind: str, vqvae, ar, encoder, device):
-        want = {ar.cfg.pooled_dim} | ({ar.cfg.seq_dim} if ar.cfg.cross_attn != "none" else set())
-        if want != {encoder.dim}:
-            raise ValueError(f"the {kind} encoder gives {encoder.dim}-wide embeddings but the generator expects "
-                             f"{sorted(want)}: pass the encoder it was trained with (--{kind}-encoder)")
-        self.vqvae, self.ar, self.encoder, self.device = vqvae, ar, encoder, torch.device(device)
-        tokens, pooled = encoder.empty()
-        self.uncond = Condition(pooled=pooled, tokens=tokens)
-
-    def sample(self, x, num_samples: int, seed: int, times: dict | None = None, **sampling) -> list:
-        """Token ids of num_samples objects for one input (a prompt or an image (3, H, W)): per
-        scale (num_samples·3, pn²). `times` receives the encode and sample seconds."""
-        times = {} if times is None else times
-        t = time.perf_counter()
-        tokens, pooled = self.encoder.encode([x])
-        times["encode"] = time.perf_counter() - t
-        t = time.perf_counter()
-        cond = Condition(pooled=pooled.expand(num_samples, -1), tokens=tokens.expand(num_samples, -1, -1))
-        idx = self.ar.sample(self.vqvae.quantizer, cond, self.uncond, seed=seed, **sampling)
-        times["sample"] = time.perf_counter() - t
-        return idx
+    def __init__(self, vqvae, device):
+        self.vqvae, self.device = vqvae, torch.device(device)
 
     @torch.no_grad()
     def triplanes(self, idx: list) -> torch.Tensor:
@@ -174,6 +155,33 @@ class Generator3D:
             v, f, c = r.extract_mesh(triplane)[0]
             return v.cpu().numpy(), f.cpu().numpy(), np.round(c.cpu().numpy() * 255).astype(np.uint8)
         return extract_mesh(r, triplane, resolution=resolution, progress=False)
+
+
+class Generator3D(Decoder3D):
+    """Everything loaded once: the encoder, the generator and the VQVAE of one condition kind."""
+
+    def __init__(self, kind: str, vqvae, ar, encoder, device):
+        want = {ar.cfg.pooled_dim} | ({ar.cfg.seq_dim} if ar.cfg.cross_attn != "none" else set())
+        if want != {encoder.dim}:
+            raise ValueError(f"the {kind} encoder gives {encoder.dim}-wide embeddings but the generator expects "
+                             f"{sorted(want)}: pass the encoder it was trained with (--{kind}-encoder)")
+        super().__init__(vqvae, device)
+        self.ar, self.encoder = ar, encoder
+        tokens, pooled = encoder.empty()
+        self.uncond = Condition(pooled=pooled, tokens=tokens)
+
+    def sample(self, x, num_samples: int, seed: int, times: dict | None = None, **sampling) -> list:
+        """Token ids of num_samples objects for one input (a prompt or an image (3, H, W)): per
+        scale (num_samples·3, pn²). `times` receives the encode and sample seconds."""
+        times = {} if times is None else times
+        t = time.perf_counter()
+        tokens, pooled = self.encoder.encode([x])
+        times["encode"] = time.perf_counter() - t
+        t = time.perf_counter()
+        cond = Condition(pooled=pooled.expand(num_samples, -1), tokens=tokens.expand(num_samples, -1, -1))
+        idx = self.ar.sample(self.vqvae.quantizer, cond, self.uncond, seed=seed, **sampling)
+        times["sample"] = time.perf_counter() - t
+        return idx
 
 
 def build_generator(kind: str, device, vqvae: str | None = None, ar: str | None = None, encoder: str | None = None,

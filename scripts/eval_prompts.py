@@ -2,6 +2,7 @@
 """Does the text-to-3D model make what the prompt says? Held-out prompts in, accuracy out.
 
     python scripts/eval_prompts.py [--num 50] [--seed 1000] [--vqvae DIR] [--ar DIR] [--text-encoder E]
+    python scripts/eval_prompts.py --reconstruct --data-dir D [--holdout 5] [--vqvae DIR]
 
 The prompts are captions of single-primitive procedural objects (datasets/shapes.py) drawn with a
 seed the training set did not use (make_shapes uses 0 by default; with --data-dir, prompts whose
@@ -15,6 +16,11 @@ sampled per prompt (sample.py's models, defaults and sampling settings) and chec
 - colour: the palette entry nearest in direction (cosine in RGB, so shading that darkens a
   colour does not change it) to the mesh's mean vertex colour.
 
+With --reconstruct there is no generator: the held-out single-primitive objects of --data-dir (the
+last --holdout of each family's category) are decoded from their own token ids
+(scripts/precompute.py) and checked the same way, their family being their category and their
+colour the palette name in their caption. That is the most a generator over this VQVAE can score.
+
 Prints per-family and overall accuracies, writes OUT/results.json and OUT/contact_sheet.png
 (one view per prompt, the verdicts under it).
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -35,10 +42,11 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datasets.gbuffer import load_index, read_text  # noqa: E402
+from datasets.gbuffer import load_index, read_precomputed, read_text  # noqa: E402
 from datasets.shapes import FAMILIES, PALETTE, PROPORTIONS, Part, ProceduralShape, sample_shape  # noqa: E402
 from renderers.mesh_render import sample_surface  # noqa: E402
-from sample import build_generator  # noqa: E402
+from sample import DEMO_MODELS, Decoder3D, build_generator, load_vqvae_any  # noqa: E402
+from scripts.precompute import sequence_to_planes  # noqa: E402
 from utils.cli import run  # noqa: E402
 
 NUM_POINTS = 1000
@@ -107,6 +115,21 @@ def held_out_prompts(num: int, seed: int, data_dir: Path | None) -> list:
     return out
 
 
+
+def held_out_objects(data_dir: Path, holdout: int) -> list:
+    """[(caption, family, colour, object dir)] of the last `holdout` objects of each family's
+    category of a dataset (the split of the trainers)."""
+    index, out = load_index(data_dir), []
+    for family in FAMILIES:
+        rels = index.get(family, [])
+        for rel in rels[max(len(rels) - holdout, 0):]:
+            caption = read_text(Path(data_dir, rel, "caption_3dtopia.txt"))
+            colours = [c for c in PALETTE if re.search(rf"\b{c}\b", caption)]
+            out.append((caption, family, colours[0] if colours else "none", Path(data_dir, rel)))
+    if not out:
+        raise ValueError(f"--data-dir {data_dir}: no category named after a family ({', '.join(FAMILIES)})")
+    return out
+
 def contact_sheet(path: Path, tiles: list, cols: int = 10) -> None:
     """tiles: [(image (R, R, 3) uint8, [lines])]."""
     size, text_h = tiles[0][0].shape[0], 36
@@ -127,6 +150,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1000, help="shape seed of the prompts (training data: 0)")
     ap.add_argument("--sample-seed", type=int, default=0)
     ap.add_argument("--data-dir", type=Path, help="training dataset: skip prompts whose caption it holds")
+    ap.add_argument("--reconstruct", action="store_true",
+                    help="check the VQVAE's decodings of --data-dir's held-out objects instead (no generator)")
+    ap.add_argument("--holdout", type=int, default=5, help="held-out objects per category (--reconstruct)")
     ap.add_argument("--vqvae", help="VQVAE folder (default: the demo model)")
     ap.add_argument("--ar", help="text generator folder (default: the demo model)")
     ap.add_argument("--text-encoder")
@@ -139,22 +165,35 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.num < 1:
         raise ValueError(f"--num must be positive, got {args.num}")
-    gen = build_generator("text", torch.device(args.device), args.vqvae, args.ar, args.text_encoder)
-    prompts = held_out_prompts(args.num, args.seed, args.data_dir)
+    if args.reconstruct:
+        if args.data_dir is None:
+            raise ValueError("--reconstruct needs --data-dir (the dataset whose tokens are decoded)")
+        vq_src = Path(args.vqvae or DEMO_MODELS["vqvae"])
+        if not vq_src.exists():
+            raise FileNotFoundError(f"--vqvae: no checkpoint at {vq_src}")
+        dec = Decoder3D(load_vqvae_any(vq_src, "nerf", args.device), args.device)
+        patch_nums = dec.vqvae.cfg.quantizer.patch_nums
+        cases = [(caption, family, colour, lambda d=d: dec.triplanes(
+                  sequence_to_planes(read_precomputed(d)["gt_BL"][None].to(dec.device), patch_nums)))
+                 for caption, family, colour, d in held_out_objects(args.data_dir, args.holdout)]
+    else:
+        dec = build_generator("text", torch.device(args.device), args.vqvae, args.ar, args.text_encoder)
+        cases = [(prompt, family, colour, lambda i=i, p=prompt: dec.triplanes(dec.sample(
+                  p, 1, args.sample_seed + i, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)))
+                 for i, (prompt, family, colour) in enumerate(held_out_prompts(args.num, args.seed, args.data_dir))]
     refs = templates()
     results, tiles = [], []
-    for i, (prompt, family, colour) in enumerate(tqdm(prompts, desc="eval_prompts")):
-        idx = gen.sample(prompt, 1, args.sample_seed + i, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
-        planes = gen.triplanes(idx)
+    for i, (prompt, family, colour, make_planes) in enumerate(tqdm(cases, desc="eval_prompts")):
+        planes = make_planes()
         try:
-            verts, faces, colours = gen.mesh(planes, args.mesh_resolution)
+            verts, faces, colours = dec.mesh(planes, args.mesh_resolution)
             pts = normalise(sample_surface(verts, faces, NUM_POINTS, np.random.default_rng(i))[0])
             got_family, got_colour = classify_family(pts, refs), classify_colour(colours)
         except ValueError:                      # no surface: counts as wrong on both
             got_family, got_colour = "none", "none"
         results.append({"prompt": prompt, "family": family, "colour": colour,
                         "predicted_family": got_family, "predicted_colour": got_colour})
-        view = gen.views(planes, [45.0], 128)[0]
+        view = dec.views(planes, [45.0], 128)[0]
         tiles.append((view, [prompt[-26:], f"{'ok' if got_family == family else 'NO'} {got_family}",
                              f"{'ok' if got_colour == colour else 'NO'} {got_colour}"]))
     accuracy = lambda rs, key: float(np.mean([r[f"predicted_{key}"] == r[key] for r in rs]))

@@ -1,5 +1,6 @@
 """scripts/precompute.py on the tiny dataset with a random tiny VQVAE and tiny DINOv2 / CLIP:
 file names, shapes and dtypes, the AR token order, read-back, resuming, one-line errors."""
+import json
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from datasets.gbuffer import CONDITION_FILES, EMPTY_FILES, TOKEN_FILES, GBufferDataset, encoder_input, input_view_sets
 from models.conditioners import load_conditioner
 from models.vqvae import TriplaneVQVAE, VQVAEConfig
-from scripts.precompute import main
+from scripts.precompute import main, planes_to_sequence, sequence_to_planes
 from tests.test_conditioners import CLIP_DIM, DINO_DIM, save_tiny_clip, save_tiny_dino
 from utils.checkpoint import save_model
 from utils.cli import run
@@ -170,3 +171,32 @@ def test_missing_vqvae_or_encoder_is_one_line(data, tmp_path, capsys):
     err = _cli_error(["--data-dir", str(tmp_path / "nodata"), "--vqvae", str(tmp_path / "vqvae")], capsys)
     assert "dataset.json: missing file" in err
     assert not any(Path(data).rglob(TOKEN_FILES["gt_BL"]))
+
+
+def test_sequence_to_planes_inverts_planes_to_sequence():
+    pn = (1, 2, 3)
+    per_scale = [torch.randint(0, 100, (6, p * p)) for p in pn]       # 2 objects x 3 planes
+    seq = planes_to_sequence(per_scale)
+    assert seq.shape == (2, 3 * 14) and torch.equal(seq[1, 3:7], per_scale[1][3])   # scale 1, object 1, plane 0
+    assert all(torch.equal(a, b) for a, b in zip(sequence_to_planes(seq, pn), per_scale))
+    with pytest.raises(ValueError, match="expected 42"):
+        sequence_to_planes(seq[:, :-1], pn)
+
+
+def test_eval_prompts_reconstruct_checks_the_held_out_objects_own_tokens(data, tmp_path):
+    from datasets.errors import DatasetError
+    from datasets.gbuffer import load_index, read_text
+    from datasets.shapes import FAMILIES, PALETTE
+    from scripts.eval_prompts import main as eval_prompts
+    _save_vqvae(tmp_path / "vqvae", TINY32)
+    args = ["--reconstruct", "--data-dir", str(data), "--holdout", "1", "--vqvae", str(tmp_path / "vqvae"),
+            "--mesh-resolution", "12", "--device", "cpu", "--out-dir", str(tmp_path / "eval")]
+    with pytest.raises(DatasetError, match=TOKEN_FILES["gt_BL"]):     # no tokens yet
+        eval_prompts(args)
+    assert main(["--data-dir", str(data), "--vqvae", str(tmp_path / "vqvae"), "--device", "cpu"]) == 0
+    assert eval_prompts(args) == 0
+    index = load_index(data)
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())["per_object"]
+    assert [(r["prompt"], r["family"]) for r in results] == \
+        [(read_text(data / index[f][-1] / "caption_3dtopia.txt"), f) for f in FAMILIES if f in index]
+    assert all(r["colour"] in PALETTE and r["colour"] in r["prompt"] for r in results)
