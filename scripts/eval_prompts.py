@@ -115,7 +115,6 @@ def held_out_prompts(num: int, seed: int, data_dir: Path | None) -> list:
     return out
 
 
-
 def held_out_objects(data_dir: Path, holdout: int) -> list:
     """[(caption, family, colour, object dir)] of the last `holdout` objects of each family's
     category of a dataset (the split of the trainers)."""
@@ -129,6 +128,7 @@ def held_out_objects(data_dir: Path, holdout: int) -> list:
     if not out:
         raise ValueError(f"--data-dir {data_dir}: no category named after a family ({', '.join(FAMILIES)})")
     return out
+
 
 def contact_sheet(path: Path, tiles: list, cols: int = 10) -> None:
     """tiles: [(image (R, R, 3) uint8, [lines])]."""
