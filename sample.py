@@ -184,6 +184,15 @@ class Generator3D(Decoder3D):
         return idx
 
 
+
+def existing_checkpoint(what: str, src: Path, official: bool = False) -> Path:
+    """`src`, or a one-line error naming the argument and where the checkpoint goes."""
+    if not src.exists():
+        hint = ("put the official files in checkpoints/ under their official names" if official else
+                "pass it by path, or rebuild the demo models with bash scripts/train_demo.sh")
+        raise FileNotFoundError(f"{what}: no checkpoint at {src}; {hint}")
+    return src
+
 def build_generator(kind: str, device, vqvae: str | None = None, ar: str | None = None, encoder: str | None = None,
                     decoder: str = "nerf", official: bool = False) -> Generator3D:
     """The models of one condition kind: the given checkpoints, else the official files in
@@ -191,12 +200,8 @@ def build_generator(kind: str, device, vqvae: str | None = None, ar: str | None 
     with unless `encoder` names another."""
     defaults = {"vqvae": OFFICIAL["vqvae-flexicubes" if decoder == "flexicubes" else "vqvae"],
                 "ar": OFFICIAL[kind]} if official else {"vqvae": DEMO_MODELS["vqvae"], "ar": DEMO_MODELS[kind]}
-    vq_src, ar_src = Path(vqvae or defaults["vqvae"]), Path(ar or defaults["ar"])
-    for what, src in (("--vqvae", vq_src), ("--ar", ar_src)):
-        if not src.exists():
-            hint = ("put the official files in checkpoints/ under their official names" if official else
-                    "pass it by path, or rebuild the demo models with bash scripts/train_demo.sh")
-            raise FileNotFoundError(f"{what}: no checkpoint at {src}; {hint}")
+    vq_src = existing_checkpoint("--vqvae", Path(vqvae or defaults["vqvae"]), official)
+    ar_src = existing_checkpoint("--ar", Path(ar or defaults["ar"]), official)
     vq_model = load_vqvae_any(vq_src, decoder, device)
     ar_model = load_ar_any(ar_src, kind, device)
     encoder_src = encoder or ar_model.cfg.encoder or None

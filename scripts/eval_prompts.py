@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from datasets.gbuffer import load_index, read_precomputed, read_text  # noqa: E402
 from datasets.shapes import FAMILIES, PALETTE, PROPORTIONS, Part, ProceduralShape, sample_shape  # noqa: E402
 from renderers.mesh_render import sample_surface  # noqa: E402
-from sample import DEMO_MODELS, Decoder3D, build_generator, load_vqvae_any  # noqa: E402
+from sample import DEMO_MODELS, Decoder3D, build_generator, existing_checkpoint, load_vqvae_any  # noqa: E402
 from scripts.precompute import sequence_to_planes  # noqa: E402
 from utils.cli import run  # noqa: E402
 
@@ -168,9 +168,7 @@ def main(argv=None) -> int:
     if args.reconstruct:
         if args.data_dir is None:
             raise ValueError("--reconstruct needs --data-dir (the dataset whose tokens are decoded)")
-        vq_src = Path(args.vqvae or DEMO_MODELS["vqvae"])
-        if not vq_src.exists():
-            raise FileNotFoundError(f"--vqvae: no checkpoint at {vq_src}")
+        vq_src = existing_checkpoint("--vqvae", Path(args.vqvae or DEMO_MODELS["vqvae"]))
         dec = Decoder3D(load_vqvae_any(vq_src, "nerf", args.device), args.device)
         patch_nums = dec.vqvae.cfg.quantizer.patch_nums
         cases = [(caption, family, colour, lambda d=d: dec.triplanes(

@@ -66,13 +66,13 @@ def planes_to_sequence(per_scale: list) -> torch.Tensor:
     return torch.cat([x.reshape(x.shape[0] // 3, 3 * x.shape[1], *x.shape[2:]) for x in per_scale], 1)
 
 
-
 def sequence_to_planes(seq_BL: torch.Tensor, patch_nums) -> list:
     """The inverse of planes_to_sequence: (B, 3·Σpn², ...) -> per scale (B·3, pn², ...)."""
     sizes = [3 * pn * pn for pn in patch_nums]
     if seq_BL.shape[1] != sum(sizes):
         raise ValueError(f"{seq_BL.shape[1]} tokens, expected {sum(sizes)} for patch_nums {list(patch_nums)}")
     return [x.reshape(x.shape[0] * 3, x.shape[1] // 3, *x.shape[2:]) for x in seq_BL.split(sizes, dim=1)]
+
 
 def dino_view(obj_dir: Path) -> int:
     """The view the official DINO embedding was taken from: (id % 4) + 1 with id the object's

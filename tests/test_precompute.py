@@ -193,6 +193,8 @@ def test_eval_prompts_reconstruct_checks_the_held_out_objects_own_tokens(data, t
             "--mesh-resolution", "12", "--device", "cpu", "--out-dir", str(tmp_path / "eval")]
     with pytest.raises(DatasetError, match=TOKEN_FILES["gt_BL"]):     # no tokens yet
         eval_prompts(args)
+    with pytest.raises(FileNotFoundError, match="--vqvae: no checkpoint at"):
+        eval_prompts([*args, "--vqvae", str(tmp_path / "missing")])
     assert main(["--data-dir", str(data), "--vqvae", str(tmp_path / "vqvae"), "--device", "cpu"]) == 0
     assert eval_prompts(args) == 0
     index = load_index(data)
