@@ -103,6 +103,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     amp: str = "auto"                # auto: bf16 autocast on CUDA, float32 on CPU; or none / bf16
     num_workers: int = 2
+    cache_objects: bool = False      # keep decoded training objects in memory (GBufferDataset(cache=True))
     log_every: int = 10
     eval_every: int = 500
     eval_objects: int = 8
@@ -285,7 +286,8 @@ def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool, stop
     device = d.device
     autocast = distributed.autocast_factory(t.amp, device)
 
-    train_ds = GBufferDataset(data_dir, split="train", holdout=t.holdout, resolution=t.render_resolution)
+    train_ds = GBufferDataset(data_dir, split="train", holdout=t.holdout, resolution=t.render_resolution,
+                              cache=t.cache_objects)
     val_ds = GBufferDataset(data_dir, split="val", holdout=t.holdout, resolution=t.render_resolution) \
         if d.is_main and t.eval_objects > 0 and t.holdout > 0 else None
     objects_per_rank = t.batch_size // d.world_size

@@ -58,6 +58,14 @@ def test_resume_gives_the_weights_of_a_straight_run(shapes_root, tmp_path):
     assert state["kind"] == "vqvae" and "train" not in state
 
 
+def test_objects_cached_in_memory_train_as_read_from_disk(shapes_root, tmp_path):
+    # 8 steps of 2 objects go over the 10 objects more than once: later steps read the cache.
+    assert _train(shapes_root, tmp_path / "disk", 8) == 0
+    assert _train(shapes_root, tmp_path / "cached", 8, "--set", "train.cache_objects=true") == 0
+    a, b = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("disk", "cached"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("mode", ["patches", "rays"])
 def test_the_losses_decrease_on_two_objects(shapes_root, tmp_path, mode):
     index = json.loads((shapes_root / "dataset.json").read_text())
