@@ -46,6 +46,13 @@ def test_gbuffer_views_sample(shapes_root):
     assert torch.allclose(x[0, 0][white], torch.full_like(x[0, 0][white], (1 - 0.485) / 0.229))
 
 
+def test_gbuffer_cache_decodes_each_object_once(shapes_root):
+    cached, fresh = GBufferDataset(shapes_root, split="all", cache=True), GBufferDataset(shapes_root, split="all")
+    first = cached[3]
+    assert cached[3] is first and fresh[3] is not fresh[3]
+    assert all(torch.equal(first[k], fresh[3][k]) for k in ("rgb", "depth", "alpha", "c", "plucker"))
+
+
 def test_gbuffer_splits_follow_dataset_json(tmp_path, shapes_root):
     index = {"a": ["sphere/000000", "box/000001", "cylinder/000002"], "b": ["cone/000003", "torus/000004"]}
     root = tmp_path / "d"
