@@ -184,7 +184,6 @@ class Generator3D(Decoder3D):
         return idx
 
 
-
 def existing_checkpoint(what: str, src: Path, official: bool = False) -> Path:
     """`src`, or a one-line error naming the argument and where the checkpoint goes."""
     if not src.exists():
@@ -192,6 +191,7 @@ def existing_checkpoint(what: str, src: Path, official: bool = False) -> Path:
                 "pass it by path, or rebuild the demo models with bash scripts/train_demo.sh")
         raise FileNotFoundError(f"{what}: no checkpoint at {src}; {hint}")
     return src
+
 
 def build_generator(kind: str, device, vqvae: str | None = None, ar: str | None = None, encoder: str | None = None,
                     decoder: str = "nerf", official: bool = False) -> Generator3D:

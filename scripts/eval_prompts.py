@@ -42,7 +42,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datasets.gbuffer import load_index, read_precomputed, read_text  # noqa: E402
+from datasets.gbuffer import GBufferDataset, load_index, read_precomputed, read_text  # noqa: E402
 from datasets.shapes import FAMILIES, PALETTE, PROPORTIONS, Part, ProceduralShape, sample_shape  # noqa: E402
 from renderers.mesh_render import sample_surface  # noqa: E402
 from sample import DEMO_MODELS, Decoder3D, build_generator, existing_checkpoint, load_vqvae_any  # noqa: E402
@@ -116,17 +116,16 @@ def held_out_prompts(num: int, seed: int, data_dir: Path | None) -> list:
 
 
 def held_out_objects(data_dir: Path, holdout: int) -> list:
-    """[(caption, family, colour, object dir)] of the last `holdout` objects of each family's
-    category of a dataset (the split of the trainers)."""
-    index, out = load_index(data_dir), []
-    for family in FAMILIES:
-        rels = index.get(family, [])
-        for rel in rels[max(len(rels) - holdout, 0):]:
-            caption = read_text(Path(data_dir, rel, "caption_3dtopia.txt"))
-            colours = [c for c in PALETTE if re.search(rf"\b{c}\b", caption)]
-            out.append((caption, family, colours[0] if colours else "none", Path(data_dir, rel)))
-    if not out:
+    """[(caption, family, colour, object dir)] of the held-out objects (the trainers' "val" split)
+    of each category named after a family."""
+    families = [f for f in FAMILIES if f in load_index(data_dir)]
+    if not families:
         raise ValueError(f"--data-dir {data_dir}: no category named after a family ({', '.join(FAMILIES)})")
+    out = []
+    for rel, ci in GBufferDataset(data_dir, split="val", holdout=holdout, categories=families).items:
+        caption = read_text(Path(data_dir, rel, "caption_3dtopia.txt"))
+        colours = [c for c in PALETTE if re.search(rf"\b{c}\b", caption)]
+        out.append((caption, families[ci], colours[0] if colours else "none", Path(data_dir, rel)))
     return out
 
 
