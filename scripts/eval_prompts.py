@@ -11,8 +11,8 @@ sampled per prompt (sample.py's models, defaults and sampling settings) and chec
 
 - shape family: the nearest analytic template by symmetric Chamfer distance between surface
   samples, both normalised (bounding-box centre at the origin, largest half-extent 1), minimised
-  over rotations about the vertical axis; templates: every family at the ends and the middle of
-  each of its proportion ranges;
+  over turns about the vertical axis and then refined by ICP (`classify_family`); templates:
+  every family at the ends and the middle of each of its proportion ranges;
 - colour: the palette entry nearest in direction (cosine in RGB, so shading that darkens a
   colour does not change it) to the mesh's mean vertex colour.
 
@@ -50,7 +50,7 @@ from scripts.precompute import sequence_to_planes  # noqa: E402
 from utils.cli import run  # noqa: E402
 
 NUM_POINTS = 1000
-YAWS = np.radians(np.arange(0, 180, 15))
+YAWS = np.radians(np.arange(0, 180, 5))     # boxes and pyramids a few degrees off lose to cylinders and cones
 
 
 def normalise(points: np.ndarray) -> np.ndarray:
@@ -60,32 +60,61 @@ def normalise(points: np.ndarray) -> np.ndarray:
 
 def templates(seed: int = 0) -> list:
     """(family, normalised surface points, their KD-tree) for every family at the two ends and
-    the middle of each of its proportion ranges."""
+    the middle of each of its proportion ranges; boxes also at the narrow end of their depth
+    ratio (0.7, the other end 1.3 being the same box turned 90 degrees once normalised)."""
     rng = np.random.default_rng(seed)
     out = []
     for family in FAMILIES:
         for lo, hi in PROPORTIONS[family].values():
             for q in sorted({lo, (lo + hi) / 2, hi}):
-                shape = ProceduralShape([Part(family, q, 1.0, color="red")], family, family, 1.0, np.eye(3), mc_res=48)
-                mesh = shape.mesh()
-                pts = normalise(sample_surface(mesh.verts, mesh.faces, NUM_POINTS, rng)[0])
-                out.append((family, pts, cKDTree(pts)))
+                for aux in (1.0, 0.7) if family == "box" else (1.0,):
+                    shape = ProceduralShape([Part(family, q, aux, color="red")], family, family, 1.0, np.eye(3),
+                                            mc_res=48)
+                    mesh = shape.mesh()
+                    pts = normalise(sample_surface(mesh.verts, mesh.faces, NUM_POINTS, rng)[0])
+                    out.append((family, pts, cKDTree(pts)))
     return out
 
 
-def classify_family(points: np.ndarray, refs: list) -> str:
-    """The family of the template nearest to normalised `points` by symmetric Chamfer distance,
-    over rotations about z."""
-    best, best_d = None, math.inf
+def similarity_fit(src: np.ndarray, dst: np.ndarray) -> tuple:
+    """Least-squares rotation R, scale s and shift t with s * R @ src_i + t ~ dst_i (Umeyama)."""
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    a, b = src - mu_s, dst - mu_d
+    U, S, Vt = np.linalg.svd(b.T @ a / len(src))
+    D = np.diag([1.0, 1.0, np.sign(np.linalg.det(U @ Vt))])
+    R = U @ D @ Vt
+    s = (S * np.diag(D)).sum() / a.var(0).sum()
+    return R, s, mu_d - s * R @ mu_s
+
+
+def classify_family(points: np.ndarray, refs: list, icp_steps: int = 10) -> str:
+    """The family whose template is nearest to surface `points` (N, 3) by symmetric Chamfer
+    distance. Each template is first matched over turns about z, the points normalised after each
+    turn (a bounding box taken before it shrinks an object turned 45 degrees by up to 1/sqrt(2));
+    the best turn of each family's best template is then refined by `icp_steps` steps of ICP
+    over rotation, scale and shift, which take up the tilt of the procedural objects (up to 15
+    degrees) that would otherwise pass a box for a cylinder or a pyramid for a cone."""
+    best = {}
     for yaw in YAWS:
         c, s = math.cos(yaw), math.sin(yaw)
-        rotated = points @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]]).T
+        rotated = normalise(points @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]]).T)
         tree = cKDTree(rotated)
         for family, ref_pts, ref_tree in refs:
             d = ref_tree.query(rotated)[0].mean() + tree.query(ref_pts)[0].mean()
-            if d < best_d:
-                best, best_d = family, d
-    return best
+            if d < best.get(family, (math.inf,))[0]:
+                best[family] = (d, rotated, ref_pts, ref_tree)
+    scores = {}
+    for family, (d, pts, ref_pts, ref_tree) in best.items():
+        for step in range(icp_steps + 1):
+            d_to, to_ref = ref_tree.query(pts)
+            d_from, from_ref = cKDTree(pts).query(ref_pts)
+            d = min(d, d_to.mean() + d_from.mean())
+            if step < icp_steps:
+                R, scale, t = similarity_fit(np.concatenate([pts, pts[from_ref]]),
+                                             np.concatenate([ref_pts[to_ref], ref_pts]))
+                pts = pts @ (scale * R).T + t
+        scores[family] = d
+    return min(scores, key=scores.get)
 
 
 def classify_colour(colours_uint8: np.ndarray) -> str:
@@ -184,7 +213,7 @@ def main(argv=None) -> int:
         planes = make_planes()
         try:
             verts, faces, colours = dec.mesh(planes, args.mesh_resolution)
-            pts = normalise(sample_surface(verts, faces, NUM_POINTS, np.random.default_rng(i))[0])
+            pts = sample_surface(verts, faces, NUM_POINTS, np.random.default_rng(i))[0]
             got_family, got_colour = classify_family(pts, refs), classify_colour(colours)
         except ValueError:                      # no surface: counts as wrong on both
             got_family, got_colour = "none", "none"
