@@ -6,8 +6,8 @@
 
 The prompts are captions of single-primitive procedural objects (datasets/shapes.py) drawn with a
 seed the training set did not use (make_shapes uses 0 by default; with --data-dir, prompts whose
-caption occurs in that dataset are skipped, so combinations are held out too). One object is
-sampled per prompt (sample.py's models, defaults and sampling settings) and checked:
+caption occurs in that dataset are skipped, so combinations are held out too), each caption once.
+One object is sampled per prompt (sample.py's models, defaults and sampling settings) and checked:
 
 - shape family: the nearest analytic template by symmetric Chamfer distance between surface
   samples, both normalised (bounding-box centre at the origin, largest half-extent 1), minimised
@@ -125,21 +125,29 @@ def classify_colour(colours_uint8: np.ndarray) -> str:
     return names[int(cos.argmax())]
 
 
-def held_out_prompts(num: int, seed: int, data_dir: Path | None) -> list:
-    """[(caption, family, colour)] of `num` single-primitive objects, families round-robin."""
+def held_out_prompts(num: int, seed: int, data_dir: Path | None, tries: int = 200) -> list:
+    """[(caption, family, colour)] of `num` distinct single-primitive objects, families
+    round-robin. A family that draws no new caption in `tries` draws (spheres have only size and
+    colour words, and a training set holds most of them) leaves the rotation."""
     seen = set()
     if data_dir is not None:
         seen = {read_text(Path(data_dir, rel, "caption_3dtopia.txt")) for rels in load_index(data_dir).values()
                 for rel in rels}
-    out, index = [], 0
+    out, index, families = [], 0, list(FAMILIES)
     while len(out) < num:
-        family = FAMILIES[len(out) % len(FAMILIES)]
-        shape = sample_shape(seed, index, label=family, mc_res=16)
-        index += 1
-        if shape.caption in seen:
-            if index > 1000 * num:
-                raise ValueError(f"--data-dir {data_dir}: it already holds every caption drawn; use another --seed")
+        if not families:
+            raise ValueError(f"only {len(out)} captions of seed {seed} are new"
+                             + (f" to --data-dir {data_dir}" if data_dir else "") + f"; lower --num below {num}")
+        family = families[len(out) % len(families)]
+        for _ in range(tries):
+            shape = sample_shape(seed, index, label=family, mc_res=16)
+            index += 1
+            if shape.caption not in seen:
+                break
+        else:
+            families.remove(family)
             continue
+        seen.add(shape.caption)
         out.append((shape.caption, family, shape.parts[0].color))
     return out
 

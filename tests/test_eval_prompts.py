@@ -3,7 +3,7 @@ as their family, shaded palette colours as their palette entry, and held-out pro
 training captions."""
 import numpy as np
 
-from datasets.shapes import FAMILIES, PALETTE, sample_shape
+from datasets.shapes import FAMILIES, PALETTE, SIZES, sample_shape
 from renderers.mesh_render import sample_surface
 from scripts.eval_prompts import (NUM_POINTS, classify_colour, classify_family, held_out_prompts, similarity_fit,
                                   templates)
@@ -48,3 +48,11 @@ def test_held_out_prompts_skip_training_captions(tmp_path):
     assert len(prompts) == 16 and train_caption not in [p for p, _, _ in prompts]
     assert [f for _, f, _ in prompts[:8]] == list(FAMILIES)
     assert all(p.split()[-1] == f and c in p for p, f, c in prompts)
+    assert len({p for p, _, _ in prompts}) == 16
+
+
+def test_held_out_prompts_are_distinct_and_a_spent_family_leaves_the_rotation():
+    prompts = held_out_prompts(200, 3, None)
+    assert len({p for p, _, _ in prompts}) == 200
+    # a sphere's caption is only size and colour: 3 x 8 of them, then the other families go on
+    assert sum(f == "sphere" for _, f, _ in prompts) == len(SIZES) * len(PALETTE)
