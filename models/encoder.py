@@ -5,7 +5,8 @@ Each view (RGB ImageNet-normalised, Plücker rays [o × d, d], raw depth; see
 middle, one transformer block lets the views talk to each other: its first self-attention runs
 over the tokens of all V views of an object at once, its second within each view. The V
 per-view maps are then concatenated on channels, in view order, and fused by a 3×3 conv into
-the latent of 3 planes × Cvae channels.
+the latent of 3 planes × Cvae channels. With `lift_samples` > 0 (our small configs, not the
+official model) models/lift.py's geometric lifting of the views onto the planes is added to it.
 
 Parameter names equal the official `MVEncoder` keys with the prefix `encoder.` removed, so the
 official weights load with a prefix strip. Layout suffixes follow VAR: `x_NChw` has N = B·V
@@ -21,8 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.ldm_blocks import Downsample, ResnetBlock, group_norm
-
-NUM_PLANES = 3
+from models.lift import NUM_PLANES, ViewLift
 
 
 @dataclass
@@ -38,6 +38,9 @@ class EncoderConfig:
     head_dim: int = 64
     depth: int = 1                    # transformer blocks in the mid attention
     dropout: float = 0.0
+    lift_samples: int = 0             # points per latent texel of models/lift.py's lifting; 0: none (official)
+    lift_level: int = 1               # the down level whose features (after its blocks) the lift reads
+    lift_hidden: int = 32             # width of the lift's embedding of each (point, view) sample
 
 
 class Attention(nn.Module):
@@ -148,7 +151,8 @@ class MultiViewEncoder(nn.Module):
     `MultiViewEncoder()`, `MultiViewEncoder(ch=32, ch_mult=(1, 2))`.
     """
 
-    def __init__(self, cfg: EncoderConfig | None = None, **overrides):
+    def __init__(self, cfg: EncoderConfig | None = None, box_side: float = 0.9, **overrides):
+        """box_side: the triplane's extent in world units (the renderer's), used by the lift only."""
         super().__init__()
         cfg = dataclasses.replace(cfg or EncoderConfig(), **overrides)
         cfg.ch_mult = tuple(cfg.ch_mult)
@@ -179,20 +183,32 @@ class MultiViewEncoder(nn.Module):
         # Concatenating the views on channels makes fusion depend on view order (by design:
         # the official views come in a fixed camera order).
         self.fusion_layer = nn.Conv2d(cfg.num_views * cfg.z_channels, cfg.z_channels, 3, padding=1)
+        if cfg.lift_samples > 0:
+            if not 0 <= cfg.lift_level < len(cfg.ch_mult):
+                raise ValueError(f"encoder.lift_level must name a down level (0..{len(cfg.ch_mult) - 1}), "
+                                 f"got {cfg.lift_level}")
+            self.lift = ViewLift(cfg.ch * cfg.ch_mult[cfg.lift_level], cfg.z_channels // NUM_PLANES, cfg.num_views,
+                                 box_side, cfg.lift_samples, cfg.lift_hidden)
 
     def encode_views(self, x_NChw: torch.Tensor) -> torch.Tensor:
         """Per-view maps before fusion: (B·V, in_channels, H, W) → (B·V, z_channels, h, w)."""
+        return self._encode(x_NChw)[0]
+
+    def _encode(self, x_NChw: torch.Tensor):
+        """→ per-view maps (B·V, z_channels, h, w) and the features of down level `lift_level`."""
         V = self.cfg.num_views
         if x_NChw.shape[0] % V:
             raise ValueError(f"batch of {x_NChw.shape[0]} views is not a multiple of num_views={V}")
-        h = self.conv_in(x_NChw)
-        for stage in self.down:
+        h, level_feat = self.conv_in(x_NChw), None
+        for level, stage in enumerate(self.down):
             for block in stage.block:
                 h = block(h)
+            if level == self.cfg.lift_level:
+                level_feat = h
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h), V))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h))), level_feat
 
     def fuse(self, f_NChw: torch.Tensor) -> torch.Tensor:
         """(B·V, z, h, w) → (B, z, h, w): the V maps of an object concatenated view-major
@@ -202,7 +218,11 @@ class MultiViewEncoder(nn.Module):
 
     def forward(self, x_NChw: torch.Tensor) -> torch.Tensor:
         """(B·V, in_channels, H, W) → fused latent (B, z_channels, h, w)."""
-        return self.fuse(self.encode_views(x_NChw))
+        maps, level_feat = self._encode(x_NChw)
+        fused = self.fuse(maps)
+        if self.cfg.lift_samples > 0:
+            fused = fused + self.lift(x_NChw, level_feat, fused.shape[-1])
+        return fused
 
     def encode_planes(self, x_NChw: torch.Tensor) -> torch.Tensor:
         """(B·V, in_channels, H, W) → per-plane latents (B·3, z_channels/3, h, w), the

@@ -78,7 +78,7 @@ class TriplaneVQVAE(nn.Module):
     def __init__(self, cfg: VQVAEConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or VQVAEConfig()
-        self.encoder = MultiViewEncoder(cfg.encoder)
+        self.encoder = MultiViewEncoder(cfg.encoder, box_side=cfg.active_renderer.box_side)
         c = cfg.quantizer.c_vae
         self.quant_conv = nn.Conv2d(c, c, 3, padding=1)
         self.quantizer = TriplaneQuantizer(**dataclasses.asdict(cfg.quantizer))

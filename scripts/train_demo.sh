@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-data/shapes1k}
 RUNS=${RUNS:-runs/demo}
 OUT=${OUT:-checkpoints/demo}
-VQVAE_STEPS=${VQVAE_STEPS:-7500}
+VQVAE_STEPS=${VQVAE_STEPS:-5000}
 
 resume() { if [ -f "$1/train_state/state.json" ]; then echo --resume; fi; }
 
