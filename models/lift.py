@@ -1,8 +1,8 @@
 """Geometric lifting of the encoder's views onto the triplane latent grid (not in the official model).
 
 The official encoder fuses its V per-view maps by concatenating them on channels and a 3×3 conv,
-so view pixel (i, j) can only reach latent texel (i, j) and its neighbours: where a box corner
-lands on the triplane has to be learnt. `ViewLift` instead places K points along the normal of
+so outside its mid attention view pixel (i, j) only reaches latent texel (i, j) and its
+neighbours: where a box corner lands on the triplane has to be learnt. `ViewLift` instead places K points along the normal of
 every latent texel of the three planes, projects each into every view and reads there
 
 - the view's feature map (bilinear) and its RGB,
@@ -11,7 +11,8 @@ every latent texel of the three planes, projects each into every view and reads 
 - whether the point falls inside the view.
 
 A small MLP embeds each (point, view) sample; the mean and the maximum over views are kept, the K
-points of a texel are stacked on channels and a 3×3 conv per plane gives its latent.
+points of a texel are stacked on channels and a 3×3 conv per plane gives its latent, which the
+encoder adds to the official fusion's.
 
 Cameras come from the input itself, so nothing changes in the encoder's interface: the Plücker
 channels [o × d, d] of a view give its centre o (least squares over its pixels) and the
