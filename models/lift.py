@@ -2,8 +2,9 @@
 
 The official encoder fuses its V per-view maps by concatenating them on channels and a 3×3 conv,
 so outside its mid attention view pixel (i, j) only reaches latent texel (i, j) and its
-neighbours: where a box corner lands on the triplane has to be learnt. `ViewLift` instead places K points along the normal of
-every latent texel of the three planes, projects each into every view and reads there
+neighbours: where a box corner lands on the triplane has to be learnt. `ViewLift` instead places
+K points along the normal of every latent texel of the three planes, projects each into every
+view and reads there
 
 - the view's feature map (bilinear) and its RGB,
 - a truncated signed distance: the view's depth at that pixel minus the point's own camera depth,
