@@ -11,8 +11,11 @@ The config is a model config (configs/vqvae/*.yaml) with an optional `train:` se
 below: the official recipe of spec §2.7 and §4 by default). Every step encodes each object twice,
 from each of its two view sets (datasets.gbuffer.input_view_sets), and supervises the renders of
 its views: L1 and LPIPS on RGB, opacity L1 against the mask, scale-and-shift-invariant depth, the VQ loss,
-and a PatchGAN hinge term. `--out-dir` always holds the latest raw weights (model.safetensors +
-config.json, what every other tool reads), the EMA weights in ema/, and train_state/ for an exact
+and a PatchGAN hinge term; with train.occupancy_weight, also the density at the dataset's
+occupancy points. train.init_from starts from a trained VQVAE, and train.freeze keeps modules as
+they are (its encoder, quant_conv and quantizer: every token id stays as it was). `--out-dir`
+always holds the latest raw weights (model.safetensors + config.json, what every other tool
+reads), the EMA weights in ema/, and train_state/ for an exact
 `--resume` (model, EMA, discriminator, optimizers, step, RNG; the data order and all random
 choices are functions of (seed, step, sample), so resuming, or changing the number of processes,
 continues the same run). TensorBoard logs go to OUT/tb, the losses of every step to OUT/train_log.jsonl and the
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,7 +41,8 @@ from datasets.gbuffer import GBufferDataset, encoder_views, input_view_sets  # n
 from losses.depth import scale_shift_invariant_loss  # noqa: E402
 from losses.gan import PatchDiscriminator, hinge_d_loss, hinge_g_loss  # noqa: E402
 from losses.perceptual import load_lpips, lpips_distance  # noqa: E402
-from models.vqvae import TriplaneVQVAE, VQVAEConfig  # noqa: E402
+from models.vqvae import TriplaneVQVAE, VQVAEConfig, load_vqvae  # noqa: E402
+from renderers.nerf_mesh import OFFICIAL_SIGMA  # noqa: E402
 from trainers import distributed  # noqa: E402
 from trainers.cli import add_run_args, load_run_config, model_config  # noqa: E402
 from trainers.runlog import RunLog  # noqa: E402
@@ -90,6 +95,21 @@ class TrainConfig:
     depth_max: float = 0.2           # the depth term is dropped for a sample when it exceeds this
     alpha_weight: float = 1.0
     vq_weight: float = 1.0
+    # occupancy term (datasets whose object folders also hold points.npz and pointcloud.npz in the
+    # views' frame, as scripts/make_shapes.py and render_meshes.py write them): binary cross-entropy
+    # of (sigma - occupancy_sigma) / occupancy_temperature against inside/outside, which puts the
+    # exported mesh's surface (renderers.nerf_mesh, level OFFICIAL_SIGMA) where the object's is
+    occupancy_weight: float = 0.0
+    occupancy_points: int = 2048     # per sample, from points.npz (uniform in the padded cube)
+    surface_points: int = 2048       # per sample, surface points moved along their normal by U(-d, d),
+    surface_offset: float = 0.02     # d (world units): inside when moved inwards
+    occupancy_sigma: float = OFFICIAL_SIGMA
+    occupancy_temperature: float = 1.0
+    # fine-tuning
+    init_from: str | None = None     # start from this VQVAE checkpoint folder (model.safetensors + config.json)
+    freeze: tuple[str, ...] = ()     # top-level modules left as they are (no gradient, not optimised):
+                                     # [encoder, quant_conv, quantizer] keeps every token id, so a decoder
+                                     # fine-tuned that way still serves generators trained on the old tokens
     # adversarial term
     gan_g_weight: float = 0.025 * 0.025
     gan_d_weight: float = 0.025
@@ -115,9 +135,13 @@ class VQVAERunConfig(VQVAEConfig):
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+OCCUPANCY_KEYS = ("occ_points", "occ_labels", "surface_points", "surface_normals")
+
+
 def collate(samples: list) -> dict:
     keys = ("rgb", "depth", "c", "target_rgb", "target_depth", "target_alpha")
-    return {**{k: torch.stack([s[k] for s in samples]) for k in keys},
+    lists = {k: [s[k] for s in samples] for k in OCCUPANCY_KEYS if k in samples[0]}   # lengths may differ
+    return {**{k: torch.stack([s[k] for s in samples]) for k in keys}, **lists,
             "pos": torch.tensor([s["pos"] for s in samples])}
 
 
@@ -196,6 +220,45 @@ def sample_targets(mb: dict, o: int, views, region, p: int | None, device):
             crop(mb["target_depth"][o][views][:, None])[:, 0].to(device))
 
 
+def occupancy_targets(cfg: TrainConfig, g: torch.Generator, mb: dict, o: int, half: float, device) -> tuple:
+    """Object o's query points (N, 3) in world units and their inside (1) / outside (0) labels:
+    occupancy_points + surface_points drawn, those outside the render cube [-half, half]^3
+    (empty by construction, renderers.nerf.NeRFRenderer.query) dropped."""
+    pts, occ = mb["occ_points"][o], mb["occ_labels"][o]
+    surf, nrm = mb["surface_points"][o], mb["surface_normals"][o]
+    i = torch.randint(len(pts), (cfg.occupancy_points,), generator=g)
+    j = torch.randint(len(surf), (cfg.surface_points,), generator=g)
+    shift = (torch.rand(cfg.surface_points, generator=g) * 2 - 1) * cfg.surface_offset
+    q = torch.cat([pts[i].float(), surf[j].float() + shift[:, None] * nrm[j].float()])
+    y = torch.cat([occ[i].float(), (shift < 0).float()])
+    keep = (q.abs() <= half).all(-1)
+    return q[keep].to(device), y[keep].to(device)
+
+
+def occupancy_loss(cfg: TrainConfig, sigmas: list, labels: list) -> torch.Tensor:
+    return sum(F.binary_cross_entropy_with_logits((s.float() - cfg.occupancy_sigma) / cfg.occupancy_temperature, y)
+               for s, y in zip(sigmas, labels)) / len(sigmas)
+
+
+def freeze_modules(model: TriplaneVQVAE, names) -> None:
+    children = dict(model.named_children())
+    unknown = sorted(set(names) - set(children))
+    if unknown:
+        raise ValueError(f"train.freeze: unknown modules {unknown}; the VQVAE has {', '.join(children)}")
+    for name in names:
+        children[name].requires_grad_(False)
+
+
+def init_weights(model: TriplaneVQVAE, src) -> None:
+    """Copy the weights of the VQVAE checkpoint folder `src` (train.init_from) into `model`."""
+    state = load_vqvae(src).state_dict()
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[1:2] or [str(e)]
+        raise ValueError(f"train.init_from {src}: its weights do not fit --config's model ({first[0].strip()})") from None
+
+
 class ReconstructionStep(nn.Module):
     """VQVAE forward plus the renders of each sample's target views: the module DDP wraps, so
     that every parameter (the renderer's too) is used inside one forward."""
@@ -204,13 +267,16 @@ class ReconstructionStep(nn.Module):
         super().__init__()
         self.vqvae = vqvae
 
-    def forward(self, x_NChw: torch.Tensor, cams: list, generators: list):
-        """cams: per sample (cameras, resolution, pixel indices or None)."""
+    def forward(self, x_NChw: torch.Tensor, cams: list, generators: list, queries: list | None = None):
+        """cams: per sample (cameras, resolution, pixel indices or None); queries: per sample
+        points (N, 3) whose raw sigma (N,) is returned too (None: an empty list)."""
         triplane, vq_loss, usage = self.vqvae(x_NChw)
         renders = [self.vqvae.render(triplane[j:j + 1], c, resolution=res, generator=g,
                                      **({} if pix is None else {"pixels": pix}))
                    for j, ((c, res, pix), g) in enumerate(zip(cams, generators))]
-        return renders, vq_loss, usage
+        planes = triplane.reshape(triplane.shape[0], 3, -1, *triplane.shape[-2:])
+        sigmas = [self.vqvae.renderer.query(planes[j:j + 1], q[None])[0][0, :, 0] for j, q in enumerate(queries or [])]
+        return renders, vq_loss, usage, sigmas
 
 
 def reconstruction_losses(cfg: TrainConfig, renders: list, targets: list, lpips=None) -> tuple:
@@ -242,6 +308,8 @@ def param_groups(model: TriplaneVQVAE, t: TrainConfig) -> list:
     groups = {"encoder": (t.lr_encoder, t.wd_encoder), "dit": (t.lr_dit, t.wd_dit), "rest": (t.lr_rest, t.wd_rest)}
     params = {k: [] for k in groups}
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         key = "encoder" if name.startswith("encoder.") else "dit" if name.startswith("decoder.vit_decoder.") else "rest"
         params[key].append(p)
     return [{"params": params[k], "lr": lr, "weight_decay": wd, "name": k} for k, (lr, wd) in groups.items()]
@@ -286,8 +354,11 @@ def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool, stop
     device = d.device
     autocast = distributed.autocast_factory(t.amp, device)
 
+    use_occ = t.occupancy_weight > 0
+    if use_occ and cfg.renderer_kind != "nerf":
+        raise ValueError("train.occupancy_weight needs renderer_kind nerf (it supervises the NeRF density)")
     train_ds = GBufferDataset(data_dir, split="train", holdout=t.holdout, resolution=t.render_resolution,
-                              cache=t.cache_objects)
+                              cache=t.cache_objects, occupancy=use_occ)
     val_ds = GBufferDataset(data_dir, split="val", holdout=t.holdout, resolution=t.render_resolution) \
         if d.is_main and t.eval_objects > 0 and t.holdout > 0 else None
     objects_per_rank = t.batch_size // d.world_size
@@ -296,6 +367,9 @@ def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool, stop
                          f"x {t.grad_accum} micro-batch(es)")
 
     model = TriplaneVQVAE(cfg).to(device)
+    if t.init_from and not resume:
+        init_weights(model, t.init_from)
+    freeze_modules(model, t.freeze)
     disc = PatchDiscriminator(ndf=t.disc_channels, n_layers=t.disc_layers, norm=t.disc_norm).to(device)
     patch = t.render_resolution if t.patch_size is None else min(t.patch_size, t.render_resolution)
     try:
@@ -332,7 +406,7 @@ def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool, stop
     model.train()
     for batch in loader:
         logs = {"loss": 0.0, "l1": 0.0, "lpips": 0.0, "alpha": 0.0, "depth": 0.0, "vq": 0.0, "g_gan": 0.0,
-                "d_gan": 0.0}
+                "d_gan": 0.0, **({"occ": 0.0} if use_occ else {})}
         n_micro = t.grad_accum
         per_micro = objects_per_rank // n_micro
         gan_on = step >= t.gan_start and t.gan_g_weight + t.gan_d_weight > 0
@@ -347,7 +421,7 @@ def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool, stop
             samples = [(o, h) for o in range(len(mb["pos"])) for h in sample_view_sets(t, step, int(mb["pos"][o]))]
             x = torch.cat([encoder_views(mb["rgb"][o:o + 1], mb["depth"][o:o + 1], mb["c"][o:o + 1], view_sets[h], size)
                            for o, h in samples]).to(device)      # (samples·V, 10, S, S), samples object-major
-            cams, gens, targets = [], [], []
+            cams, gens, targets, queries, labels = [], [], [], [], []
             for o, h in samples:
                 g = seeded_generator(t.seed, step, 2 * int(mb["pos"][o]) + h)
                 views, c, region = choose_views(t, g, mb["target_alpha"][o], mb["c"][o])
@@ -355,13 +429,22 @@ def train(cfg: VQVAERunConfig, data_dir: Path, out_dir: Path, resume: bool, stop
                 cams.append((c.to(device), t.patch_size if isinstance(region, tuple) else t.render_resolution, pix))
                 gens.append(g)
                 targets.append(sample_targets(mb, o, views, region, t.patch_size, device))
+                if use_occ:
+                    q, y = occupancy_targets(t, seeded_generator(t.seed, step, 2 * int(mb["pos"][o]) + h, 3), mb, o,
+                                             cfg.renderer.box_side / 2, device)
+                    queries.append(q)
+                    labels.append(y)
             sync = nullcontext() if (not d.enabled or m == n_micro - 1) else train_step.no_sync()
             with sync:
                 with autocast():
-                    renders, vq_loss, usage = train_step(x, cams, gens)
+                    renders, vq_loss, usage, sigmas = train_step(x, cams, gens, queries)
                 rec, rec_logs, fake, real = reconstruction_losses(
                     t, renders, targets, lpips if step >= t.perceptual_start else None)
                 loss = rec + t.vq_weight * vq_loss.float()
+                if use_occ:
+                    l_occ = occupancy_loss(t, sigmas, labels)
+                    loss = loss + t.occupancy_weight * l_occ
+                    logs["occ"] += l_occ.item() / n_micro
                 if gan_on and t.gan_g_weight > 0:
                     disc.requires_grad_(False)
                     with autocast():

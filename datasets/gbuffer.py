@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from datasets.errors import DatasetError, log
+from datasets.occupancy import read_occupancy_zup
 from utils.cameras import plucker_rays
 
 NUM_VIEWS = 12
@@ -286,18 +287,20 @@ class GBufferDataset(torch.utils.data.Dataset):
 
     A views sample: rgb (12, 3, H, W) in [0, 1], depth (12, H, W), alpha (12, H, W), c (12, 25),
     plucker (12, 6, H, W) rays of c through the pixel centres, bbox (12, 4); with `resolution` set, also target_rgb/target_depth/target_alpha resized
-    bilinearly to it as the official loader does for supervision.
+    bilinearly to it as the official loader does for supervision. With `occupancy`, also the
+    object's occupancy files in the same world (datasets.occupancy.read_occupancy_zup).
     """
 
     def __init__(self, root, split: str = "train", holdout: int = 100, categories=None,
                  mode: str = "views", condition: str | None = None, resolution: int | None = None,
-                 skip_bad: bool = False, cache: bool = False):
+                 skip_bad: bool = False, cache: bool = False, occupancy: bool = False):
         if split not in ("train", "val", "all"):
             raise ValueError(f"split must be train, val or all, got {split!r}")
         if mode not in ("views", "tokens", "both"):
             raise ValueError(f"mode must be views, tokens or both, got {mode!r}")
         self.root, self.mode, self.condition = Path(root), mode, condition
         self.resolution, self.skip_bad, self.num_skipped = resolution, skip_bad, 0
+        self.occupancy = occupancy
         self._cache = {} if cache else None
         index = load_index(self.root)
         unknown = set(categories or ()) - set(index)
@@ -347,6 +350,8 @@ class GBufferDataset(torch.utils.data.Dataset):
                 up = lambda x: F.interpolate(x, size=size, mode="bilinear", align_corners=False)
                 out.update(target_rgb=up(rgb), target_depth=up(out["depth"][:, None])[:, 0],
                            target_alpha=up(out["alpha"][:, None])[:, 0])
+        if self.occupancy:
+            out.update(read_occupancy_zup(d))
         if self.mode in ("tokens", "both"):
             out.update(read_precomputed(d, self.condition))
             if "caption" not in out:

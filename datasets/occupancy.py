@@ -88,6 +88,18 @@ def read_pointcloud(path):
     return pts, nrm
 
 
+def read_occupancy_zup(obj_dir) -> dict:
+    """An object folder's points.npz and pointcloud.npz turned into the G-buffer world (+z up),
+    for folders that hold both layouts in one frame, as the dataset builder writes them:
+    occ_points (N, 3) and surface_points, surface_normals (M, 3) float16, occ_labels (N,) bool."""
+    d = Path(obj_dir)
+    pts, occ, _ = read_points(d / "points.npz")
+    surf, nrm = read_pointcloud(d / "pointcloud.npz")
+    to_zup = lambda a: torch.from_numpy((a @ ZUP_TO_YUP).astype(np.float16))   # stored = world @ ZUP_TO_YUP.T
+    return {"occ_points": to_zup(pts), "occ_labels": torch.from_numpy(occ), "surface_points": to_zup(surf),
+            "surface_normals": to_zup(nrm)}
+
+
 def read_split(root, category: str, split: str) -> list:
     path = Path(root, category, f"{split}.lst")
     try:

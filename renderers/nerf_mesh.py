@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from renderers.nerf import NeRFRenderer
 
-OFFICIAL_DENSITY_THRESHOLD = math.log1p(math.exp(10.0 - 1.0))   # softplus(10 - 1) ~ 9.0001
+OFFICIAL_SIGMA = 10.0                                                # the official export's raw-sigma level
+OFFICIAL_DENSITY_THRESHOLD = math.log1p(math.exp(OFFICIAL_SIGMA - 1.0))   # softplus(10 - 1) ~ 9.0001
 MESH_FORMATS = (".glb", ".obj", ".ply")
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the embedded demo model (checkpoints/demo) from nothing, on a CPU: the procedural
-# dataset, the small VQVAE, the token and condition files, then the text and image generators.
+# dataset, the small VQVAE and its decoder fine-tuned with the occupancy term, the token and
+# condition files, then the text and image generators.
 # Every stage resumes where it stopped when the script is run again.
 #   bash scripts/train_demo.sh            # DATA, RUNS and OUT override the folders below
 set -euo pipefail
@@ -9,20 +10,27 @@ DATA=${DATA:-data/shapes1k}
 RUNS=${RUNS:-runs/demo}
 OUT=${OUT:-checkpoints/demo}
 VQVAE_STEPS=${VQVAE_STEPS:-5000}
+DECODER_STEPS=${DECODER_STEPS:-3000}
 
 resume() { if [ -f "$1/train_state/state.json" ]; then echo --resume; fi; }
 
 python scripts/make_shapes.py --out "$DATA" --num 600 --res 64 --seed 0
 python train_vqvae.py --config configs/vqvae/small.yaml --data-dir "$DATA" --out-dir "$RUNS/vqvae" \
   --max-steps "$VQVAE_STEPS" $(resume "$RUNS/vqvae")
+# Encoder, quant_conv and quantizer frozen: the decoder learns sharper surfaces from the occupancy
+# files while every token id, and so what the generators learn from, stays as it was.
+python train_vqvae.py --config configs/vqvae/small.yaml --data-dir "$DATA" --out-dir "$RUNS/vqvae_dec" \
+  --max-steps "$DECODER_STEPS" --set train.init_from="$RUNS/vqvae" --set "train.freeze=[encoder,quant_conv,quantizer]" \
+  --set train.occupancy_weight=0.5 --set train.lr_dit=2.0e-4 --set train.lr_rest=2.0e-4 $(resume "$RUNS/vqvae_dec")
 python scripts/precompute.py --data-dir "$DATA" --vqvae "$RUNS/vqvae" --text-encoder minilm --image-encoder mobilenet_v2 \
   --overwrite   # the tokens of this VQVAE, never stale ones
 for kind in text image; do
   python train_ar.py --config "configs/ar/demo_$kind.yaml" --data-dir "$DATA" --vqvae "$RUNS/vqvae" \
     --out-dir "$RUNS/ar_$kind" $(resume "$RUNS/ar_$kind")
 done
-for m in vqvae ar_text ar_image; do
-  mkdir -p "$OUT/$m"
-  cp "$RUNS/$m/model.safetensors" "$RUNS/$m/config.json" "$OUT/$m/"
+for m in vqvae_dec ar_text ar_image; do
+  dst="$OUT/${m%_dec}"
+  mkdir -p "$dst"
+  cp "$RUNS/$m/model.safetensors" "$RUNS/$m/config.json" "$dst/"
 done
 du -sh "$OUT"

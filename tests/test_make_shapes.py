@@ -1,13 +1,14 @@
 """What make_shapes writes: the official layouts exactly, and geometry that agrees across files."""
 import filecmp
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from scipy.spatial import cKDTree
 
-from datasets.gbuffer import BACKGROUND_DEPTH, read_gbuffer_object
+from datasets.gbuffer import BACKGROUND_DEPTH, GBufferDataset, read_gbuffer_object
 from datasets.occupancy import ZUP_TO_YUP, read_pointcloud, read_points
 from datasets.shapes import FAMILIES, LABELS, PALETTE, sample_shape
 from tests.helpers import make_tiny_dataset
@@ -91,6 +92,20 @@ def test_occupancy_agrees_with_surface_point_cloud(shapes_root):
         assert far.sum() > 1000 and occ.sum() > 20, cat
         assert (behind[far] == occ[far]).mean() > 0.995, cat
         assert np.abs(surf).max() <= 0.5 and np.abs(q).max() <= 0.55
+
+
+def test_gbuffer_dataset_reads_the_occupancy_in_the_world_of_the_views(shapes_root):
+    """GBufferDataset(occupancy=True) against the analytic shapes, whose world is the views' (+z up)."""
+    ds = GBufferDataset(shapes_root, split="all", occupancy=True)
+    for i in range(len(ds)):
+        s = ds[i]
+        shape = sample_shape(0, int(Path(s["path"]).name))
+        sdf = shape.sdf(s["occ_points"].double().numpy())
+        clear = np.abs(sdf) > 0.01                      # beyond float16 rounding of the stored points
+        assert clear.sum() > 1000 and ((sdf[clear] < 0) == s["occ_labels"].numpy()[clear]).mean() > 0.999
+        assert np.abs(shape.sdf(s["surface_points"].double().numpy())).max() < 0.01
+        step = shape.sdf(s["surface_points"].double().numpy() + 0.005 * s["surface_normals"].double().numpy())
+        assert (step > 0).mean() > 0.99                 # the normals point outwards
 
 
 def test_colours_and_captions_follow_parameters(shapes_root):

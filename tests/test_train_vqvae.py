@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import train_vqvae
 from losses.depth import align_scale_shift, scale_shift_invariant_loss
-from models.vqvae import TriplaneVQVAE
+from models.vqvae import TriplaneVQVAE, load_vqvae
 from trainers.sampler import StepBatches
 from utils.cameras import crop_cameras, normalized_intrinsics, orbit_c2w, pack_cameras
 from utils.cli import run
@@ -85,6 +85,22 @@ def test_the_losses_decrease_on_two_objects(shapes_root, tmp_path, mode):
         assert last < 0.8 * first, key
 
 
+def test_decoder_fine_tuning_keeps_the_tokens_and_fits_the_occupancy(shapes_root, tmp_path):
+    assert _train(shapes_root, tmp_path / "base", 2) == 0
+    frozen = ("encoder", "quant_conv", "quantizer")
+    fine_tune = [f"train.init_from={tmp_path / 'base'}", f"train.freeze=[{','.join(frozen)}]",
+                 "train.occupancy_weight=1.0", "train.occupancy_points=256", "train.surface_points=256",
+                 "train.lr_dit=2.0e-3", "train.lr_rest=2.0e-3"]
+    assert _train(shapes_root, tmp_path / "ft", 30, *[a for x in fine_tune for a in ("--set", x)]) == 0
+    params = [n for n, _ in load_vqvae(tmp_path / "base").named_parameters()]
+    a, b = load_file(str(tmp_path / "base/model.safetensors")), load_file(str(tmp_path / "ft/model.safetensors"))
+    kept = [k for k in params if k.split(".")[0] in frozen]
+    assert kept and all(torch.equal(a[k], b[k]) for k in kept)      # every token id stays as it was
+    assert any(not torch.equal(a[k], b[k]) for k in params if k.startswith("decoder."))
+    log = _log(tmp_path / "ft")
+    assert sum(r["occ"] for r in log[-5:]) < 0.8 * sum(r["occ"] for r in log[:5])
+
+
 def test_two_processes_compute_the_losses_of_one(shapes_root, tmp_path):
     common = [*FAST, "--batch-size", "4", "--max-steps", "3", "--data-dir", str(shapes_root)]
     assert _exit_code(lambda: train_vqvae.main([*common, "--out-dir", str(tmp_path / "one")])) == 0
@@ -116,6 +132,11 @@ def test_clear_errors(shapes_root, tmp_path, capsys):
     assert "rays_per_view" in capsys.readouterr().err
     assert _train(shapes_root, tmp_path / "x", 1, "--set", "train.view_sets_per_object=3") == 2
     assert "view_sets_per_object must be 1 or 2" in capsys.readouterr().err
+    assert _train(shapes_root, tmp_path / "x", 1, "--set", "train.freeze=[encoder,decodr]") == 2
+    assert "train.freeze: unknown modules ['decodr']" in capsys.readouterr().err
+    assert _train(shapes_root, tmp_path / "x", 1, "--set", f"train.init_from={tmp_path / 'nothing'}") == 2
+    err = capsys.readouterr().err
+    assert "nothing" in err and "Traceback" not in err
     assert _train(tmp_path / "no_data", tmp_path / "y", 1) == 2
     err = capsys.readouterr().err
     assert "no_data" in err and "Traceback" not in err
