@@ -274,8 +274,7 @@ class ReconstructionStep(nn.Module):
         renders = [self.vqvae.render(triplane[j:j + 1], c, resolution=res, generator=g,
                                      **({} if pix is None else {"pixels": pix}))
                    for j, ((c, res, pix), g) in enumerate(zip(cams, generators))]
-        planes = triplane.reshape(triplane.shape[0], 3, -1, *triplane.shape[-2:])
-        sigmas = [self.vqvae.renderer.query(planes[j:j + 1], q[None])[0][0, :, 0] for j, q in enumerate(queries or [])]
+        sigmas = [self.vqvae.query(triplane[j:j + 1], q[None])[0][0, :, 0] for j, q in enumerate(queries or [])]
         return renders, vq_loss, usage, sigmas
 
 
