@@ -176,8 +176,12 @@ class ProceduralShape:
         return pts, self.gradient(pts)
 
 
-def sample_shape(seed: int, index: int, label: str | None = None, mc_res: int = 128) -> ProceduralShape:
-    """Object `index` of the dataset drawn with `seed`; label defaults to LABELS round-robin."""
+def sample_shape(seed: int, index: int, label: str | None = None, mc_res: int = 128,
+                 upright: bool = False) -> ProceduralShape:
+    """Object `index` of the dataset drawn with `seed`; label defaults to LABELS round-robin.
+    Objects are turned by a random yaw and single primitives tilted by up to 15 degrees; with
+    `upright` they keep their design frame (axis-aligned, +z up) and are otherwise the same
+    objects, with the same captions, proportions, colours and sizes."""
     rng = np.random.default_rng([seed, index])
     label = LABELS[index % len(LABELS)] if label is None else label
     colors = list(PALETTE)
@@ -188,6 +192,7 @@ def sample_shape(seed: int, index: int, label: str | None = None, mc_res: int = 
         size_word = list(SIZES)[rng.integers(len(SIZES))]
         words = " ".join(w for w in (size_word, word, part.color, label) if w)
         R = _rotation(yaw, math.radians(rng.uniform(0, 15)), rng.uniform(0, 2 * math.pi))
+        R = np.eye(3) if upright else R
         return ProceduralShape([part], label, f"{_article(words)} {words}", SIZES[size_word], R, mc_res)
     if label not in COMPOSITIONS:
         raise ValueError(f"unknown shape label {label!r}; known: {LABELS}")
@@ -204,4 +209,5 @@ def sample_shape(seed: int, index: int, label: str | None = None, mc_res: int = 
     else:                  # b beside a along x, a small gap between them
         b.offset = np.array([ea[0] + eb[0] + 0.15, 0.0, eb[2] - ea[2]])
         caption = f"{_article(a.color)} {a.color} {a.family} next to {_article(b.color)} {b.color} {b.family}"
-    return ProceduralShape([a, b], label, caption, 1.0, _rotation(yaw, 0.0, 0.0), mc_res)
+    R = np.eye(3) if upright else _rotation(yaw, 0.0, 0.0)
+    return ProceduralShape([a, b], label, caption, 1.0, R, mc_res)

@@ -26,8 +26,8 @@ from utils.config import to_dict  # noqa: E402
 from utils.parallel import parallel_map  # noqa: E402
 
 def _make_one(job):
-    out, index, seed, cfg = job
-    shape = sample_shape(seed, index, mc_res=cfg.mc_res)
+    out, index, seed, upright, cfg = job
+    shape = sample_shape(seed, index, mc_res=cfg.mc_res, upright=upright)
     obj_id = f"{index:06d}"
     write_object(out, shape.label, obj_id, shape, cfg, seed=seed * 1_000_003 + index)
     return shape.label, obj_id
@@ -38,6 +38,8 @@ def main(argv=None):
     ap.add_argument("--out", required=True, type=Path, help="dataset root to write")
     ap.add_argument("--num", required=True, type=int, help="number of objects")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--upright", action="store_true",
+                    help="no random yaw or tilt: the same objects and captions, axis-aligned and +z up")
     add_build_arguments(ap)
     args = ap.parse_args(argv)
     cfg = load_build_config(args)
@@ -46,6 +48,8 @@ def main(argv=None):
 
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {"generator": "make_shapes", "seed": args.seed, "config": to_dict(cfg)}
+    if args.upright:
+        settings["upright"] = True
     stamp = args.out / "shapes.json"
     if stamp.exists() and not args.overwrite:
         old = json.loads(stamp.read_text())
@@ -59,7 +63,7 @@ def main(argv=None):
         if not args.overwrite and (args.out / label / obj_id).is_dir():
             done.setdefault(label, []).append(obj_id)
         else:
-            jobs.append((args.out, i, args.seed, cfg))
+            jobs.append((args.out, i, args.seed, args.upright, cfg))
     t0 = time.time()
     for label, obj_id in parallel_map(_make_one, jobs, args.workers, "make_shapes"):
         done.setdefault(label, []).append(obj_id)

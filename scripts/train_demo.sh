@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Rebuild the embedded demo model (checkpoints/demo) from nothing, on a CPU: the procedural
-# dataset, the small VQVAE and its decoder fine-tuned with the occupancy term, the token and
-# condition files, then the text and image generators.
+# dataset, the small VQVAE and its decoder fine-tuned with the occupancy term, the same objects
+# upright with their token and condition files, then the text and image generators.
 # Every stage resumes where it stopped when the script is run again.
-#   bash scripts/train_demo.sh            # DATA, RUNS and OUT override the folders below
+#   bash scripts/train_demo.sh            # DATA, GEN_DATA, RUNS and OUT override the folders below
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-data/shapes1k}
+GEN_DATA=${GEN_DATA:-data/upright1k}
 RUNS=${RUNS:-runs/demo}
 OUT=${OUT:-checkpoints/demo}
 VQVAE_STEPS=${VQVAE_STEPS:-5000}
@@ -22,10 +23,14 @@ python train_vqvae.py --config configs/vqvae/small.yaml --data-dir "$DATA" --out
 python train_vqvae.py --config configs/vqvae/small.yaml --data-dir "$DATA" --out-dir "$RUNS/vqvae_dec" \
   --max-steps "$DECODER_STEPS" --set train.init_from="$RUNS/vqvae" --set "train.freeze=[encoder,quant_conv,quantizer]" \
   --set train.occupancy_weight=0.5 --set train.lr_dit=2.0e-4 --set train.lr_rest=2.0e-4 $(resume "$RUNS/vqvae_dec")
-python scripts/precompute.py --data-dir "$DATA" --vqvae "$RUNS/vqvae" --text-encoder minilm --image-encoder mobilenet_v2 \
+# The tokenizer learns objects at every yaw and tilt; the generators learn them upright, as aligned
+# datasets hold them: over turned objects a box's token ids spread over all its turns, and what
+# the generator samples decodes as a rounded cylinder (README).
+python scripts/make_shapes.py --out "$GEN_DATA" --num 600 --res 64 --seed 0 --upright
+python scripts/precompute.py --data-dir "$GEN_DATA" --vqvae "$RUNS/vqvae" --text-encoder minilm --image-encoder mobilenet_v2 \
   --overwrite   # the tokens of this VQVAE, never stale ones
 for kind in text image; do
-  python train_ar.py --config "configs/ar/demo_$kind.yaml" --data-dir "$DATA" --vqvae "$RUNS/vqvae" \
+  python train_ar.py --config "configs/ar/demo_$kind.yaml" --data-dir "$GEN_DATA" --vqvae "$RUNS/vqvae" \
     --out-dir "$RUNS/ar_$kind" $(resume "$RUNS/ar_$kind")
 done
 for m in vqvae_dec ar_text ar_image; do

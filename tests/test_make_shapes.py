@@ -135,6 +135,19 @@ def test_parameters_vary_and_objects_fit_the_box():
     assert {"small", "large"} <= sizes
 
 
+def test_upright_objects_are_the_same_objects_axis_aligned():
+    for i in (1, 6, 9):                                     # a box, a pyramid, a pair
+        turned, upright = sample_shape(0, i, mc_res=32), sample_shape(0, i, mc_res=32, upright=True)
+        assert upright.caption == turned.caption and np.array_equal(upright.R, np.eye(3))
+        assert not np.allclose(turned.R, np.eye(3))
+        ext = [np.ptp(s.mesh().verts, 0).max() for s in (turned, upright)]
+        assert ext[0] == pytest.approx(ext[1], abs=1e-6)    # same size word, same largest extent
+    for turned in (False, True):                            # the box's world bounds are its own extents
+        box = sample_shape(0, 1, mc_res=32, upright=not turned)
+        ext, own = np.ptp(box.mesh().verts, 0), box.parts[0].half_extent()
+        assert np.allclose(ext / ext.max(), own / own.max(), atol=0.03) != turned
+
+
 def test_deterministic_per_seed_across_workers_and_resumable(tmp_path, shapes_root):
     other = make_tiny_dataset(tmp_path / "again", num=3, extra=["--workers", "2"])
     for rel in ("sphere/000000", "box/000001", "cylinder/000002"):
