@@ -3,6 +3,7 @@
 
     python scripts/eval_prompts.py [--num 50] [--seed 1000] [--vqvae DIR] [--ar DIR] [--text-encoder E]
     python scripts/eval_prompts.py --reconstruct --data-dir D [--holdout 5] [--vqvae DIR]
+    python scripts/eval_prompts.py --images --data-dir D [--holdout 5] [--ar DIR] [--image-encoder E]
 
 The prompts are captions of single-primitive procedural objects (datasets/shapes.py) drawn with a
 seed the training set did not use (make_shapes uses 0 by default; with --data-dir, prompts whose
@@ -20,6 +21,10 @@ With --reconstruct there is no generator: the held-out single-primitive objects 
 last --holdout of each family's category) are decoded from their own token ids
 (scripts/precompute.py) and checked the same way, their family being their category and their
 colour the palette name in their caption. That is the most a generator over this VQVAE can score.
+
+With --images the image generator is checked on those same held-out objects: each is shown to it
+in the view its training condition is taken from (scripts/precompute.py), and the object it makes
+is checked against the shown object's family and colour.
 
 Prints per-family and overall accuracies, writes OUT/results.json and OUT/contact_sheet.png
 (one view per prompt, the verdicts under it).
@@ -42,11 +47,11 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datasets.gbuffer import GBufferDataset, load_index, read_precomputed, read_text  # noqa: E402
+from datasets.gbuffer import GBufferDataset, load_index, read_gbuffer_object, read_precomputed, read_text  # noqa: E402
 from datasets.shapes import FAMILIES, PALETTE, PROPORTIONS, Part, ProceduralShape, sample_shape  # noqa: E402
 from renderers.mesh_render import sample_surface  # noqa: E402
 from sample import DEMO_MODELS, Decoder3D, build_generator, existing_checkpoint, load_vqvae_any  # noqa: E402
-from scripts.precompute import sequence_to_planes  # noqa: E402
+from scripts.precompute import dino_view, sequence_to_planes  # noqa: E402
 from utils.cli import run  # noqa: E402
 
 NUM_POINTS = 1000
@@ -166,6 +171,13 @@ def held_out_objects(data_dir: Path, holdout: int) -> list:
     return out
 
 
+def condition_view(obj_dir: Path) -> torch.Tensor:
+    """The view of an object that the image generator's training condition is taken from,
+    (3, H, W) in [0, 1]."""
+    rgb = read_gbuffer_object(obj_dir)["rgb"][dino_view(obj_dir)]
+    return torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+
+
 def contact_sheet(path: Path, tiles: list, cols: int = 10) -> None:
     """tiles: [(image (R, R, 3) uint8, [lines])]."""
     size, text_h = tiles[0][0].shape[0], 36
@@ -188,10 +200,13 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", type=Path, help="training dataset: skip prompts whose caption it holds")
     ap.add_argument("--reconstruct", action="store_true",
                     help="check the VQVAE's decodings of --data-dir's held-out objects instead (no generator)")
-    ap.add_argument("--holdout", type=int, default=5, help="held-out objects per category (--reconstruct)")
+    ap.add_argument("--images", action="store_true",
+                    help="check the image generator instead, on --data-dir's held-out objects seen in one view")
+    ap.add_argument("--holdout", type=int, default=5, help="held-out objects per category (--reconstruct, --images)")
     ap.add_argument("--vqvae", help="VQVAE folder (default: the demo model)")
-    ap.add_argument("--ar", help="text generator folder (default: the demo model)")
+    ap.add_argument("--ar", help="text generator folder, or image generator with --images (default: the demo model)")
     ap.add_argument("--text-encoder")
+    ap.add_argument("--image-encoder")
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--top-p", type=float, default=0.5)
@@ -201,19 +216,28 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.num < 1:
         raise ValueError(f"--num must be positive, got {args.num}")
+    if args.reconstruct and args.images:
+        raise ValueError("--reconstruct and --images: pick one")
+    mode = "--reconstruct" if args.reconstruct else "--images" if args.images else None
+    if mode and args.data_dir is None:
+        raise ValueError(f"{mode} needs --data-dir (the dataset whose held-out objects are checked)")
+    sampling = {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p}
     if args.reconstruct:
-        if args.data_dir is None:
-            raise ValueError("--reconstruct needs --data-dir (the dataset whose tokens are decoded)")
         vq_src = existing_checkpoint("--vqvae", Path(args.vqvae or DEMO_MODELS["vqvae"]))
         dec = Decoder3D(load_vqvae_any(vq_src, "nerf", args.device), args.device)
         patch_nums = dec.vqvae.cfg.quantizer.patch_nums
         cases = [(caption, family, colour, lambda d=d: dec.triplanes(
                   sequence_to_planes(read_precomputed(d)["gt_BL"][None].to(dec.device), patch_nums)))
                  for caption, family, colour, d in held_out_objects(args.data_dir, args.holdout)]
+    elif args.images:
+        dec = build_generator("image", torch.device(args.device), args.vqvae, args.ar, args.image_encoder)
+        cases = [(caption, family, colour, lambda i=i, d=d: dec.triplanes(dec.sample(
+                  condition_view(d), 1, args.sample_seed + i, **sampling)))
+                 for i, (caption, family, colour, d) in enumerate(held_out_objects(args.data_dir, args.holdout))]
     else:
         dec = build_generator("text", torch.device(args.device), args.vqvae, args.ar, args.text_encoder)
         cases = [(prompt, family, colour, lambda i=i, p=prompt: dec.triplanes(dec.sample(
-                  p, 1, args.sample_seed + i, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)))
+                  p, 1, args.sample_seed + i, **sampling)))
                  for i, (prompt, family, colour) in enumerate(held_out_prompts(args.num, args.seed, args.data_dir))]
     refs = templates()
     results, tiles = [], []

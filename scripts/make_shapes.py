@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Write a procedural 3D dataset in both layouts, with no download.
 
-    python scripts/make_shapes.py --out data/shapes --num 200 --res 64 --seed 0
+    python scripts/make_shapes.py --out data/shapes --num 200 --res 64 --seed 0 [--upright]
 
 Objects cycle through the labels of datasets/shapes.py (8 primitive families and 2 kinds of
 composition) and are drawn from (seed, index), so the same arguments give the same files on
 any machine and with any number of workers. Each object gets 12 G-buffer views, a caption,
 occupancy samples and a surface point cloud (datasets/builder.py). Re-running with the same
-settings keeps finished objects and writes only the missing ones.
+settings keeps finished objects and writes only the missing ones. --upright leaves out the random
+turn and tilt: the same objects and captions, axis-aligned.
 """
 from __future__ import annotations
 

@@ -151,6 +151,30 @@ def test_eval_prompts_writes_accuracies_and_a_contact_sheet(models, tmp_path, ca
     assert "overall        2" in capsys.readouterr().out
 
 
+def test_eval_prompts_images_shows_the_image_generator_the_held_out_objects(models, shapes_root, tmp_path):
+    import shutil
+    from datasets.gbuffer import load_index, read_text
+    from models.conditioners import pil_to_tensor
+    from scripts.eval_prompts import condition_view, main
+    from scripts.precompute import dino_view
+    data = Path(shutil.copytree(shapes_root, tmp_path / "data"))
+    index = {f: rels for f, rels in load_index(data).items() if f in ("sphere", "box")}
+    (data / "dataset.json").write_text(json.dumps(index))
+    args = ["--images", "--data-dir", str(data), "--holdout", "1", "--vqvae", str(models / "vqvae"),
+            "--ar", str(models / "ar_image"), "--mesh-resolution", "12", "--out-dir", str(tmp_path / "eval")]
+    assert main(args) == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())["per_object"]
+    assert [(r["prompt"], r["family"]) for r in results] == \
+        [(read_text(data / index[f][-1] / "caption_3dtopia.txt"), f) for f in ("sphere", "box")]
+    d, v = data / index["box"][-1], dino_view(data / index["box"][-1])
+    with Image.open(d / "raw_img.png") as im:
+        assert torch.equal(condition_view(d), pil_to_tensor(im.crop((32 * v, 0, 32 * (v + 1), 32))))
+    with pytest.raises(ValueError, match="--images needs --data-dir"):
+        main(["--images"])
+    with pytest.raises(ValueError, match="pick one"):
+        main(["--images", "--reconstruct", "--data-dir", str(data)])
+
+
 @pytest.mark.skipif(not (sample.DEMO_MODELS["text"] / "model.safetensors").is_file(), reason="no shipped demo model")
 def test_shipped_demo_model_makes_the_prompted_family(tmp_path):
     from scripts.eval_prompts import classify_family, normalise, templates
