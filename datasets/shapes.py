@@ -191,8 +191,7 @@ def sample_shape(seed: int, index: int, label: str | None = None, mc_res: int = 
         part.color = colors[rng.integers(len(colors))]
         size_word = list(SIZES)[rng.integers(len(SIZES))]
         words = " ".join(w for w in (size_word, word, part.color, label) if w)
-        R = _rotation(yaw, math.radians(rng.uniform(0, 15)), rng.uniform(0, 2 * math.pi))
-        R = np.eye(3) if upright else R
+        R = np.eye(3) if upright else _rotation(yaw, math.radians(rng.uniform(0, 15)), rng.uniform(0, 2 * math.pi))
         return ProceduralShape([part], label, f"{_article(words)} {words}", SIZES[size_word], R, mc_res)
     if label not in COMPOSITIONS:
         raise ValueError(f"unknown shape label {label!r}; known: {LABELS}")

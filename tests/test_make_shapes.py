@@ -148,6 +148,17 @@ def test_upright_objects_are_the_same_objects_axis_aligned():
         assert np.allclose(ext / ext.max(), own / own.max(), atol=0.03) != turned
 
 
+def test_make_shapes_upright_writes_the_upright_objects(tmp_path):
+    root = make_tiny_dataset(tmp_path / "up", num=2, extra=["--upright"])
+    pts, occ, _ = read_points(root / "box" / "000001" / "points.npz")
+    zup = pts.astype(np.float64) @ ZUP_TO_YUP                 # stored = world @ ZUP_TO_YUP.T
+    agree = {up: ((sample_shape(0, 1, upright=up).sdf(zup) < 0) == occ).mean() for up in (True, False)}
+    assert agree[True] > 0.99 > agree[False]
+    assert json.loads((root / "shapes.json").read_text())["upright"] is True
+    with pytest.raises(ValueError, match="other settings"):  # not mixed with turned objects
+        make_tiny_dataset(root, num=2)
+
+
 def test_deterministic_per_seed_across_workers_and_resumable(tmp_path, shapes_root):
     other = make_tiny_dataset(tmp_path / "again", num=3, extra=["--workers", "2"])
     for rel in ("sphere/000000", "box/000001", "cylinder/000002"):
