@@ -29,13 +29,11 @@ from PIL import Image, UnidentifiedImageError
 
 from datasets.errors import DatasetError, log
 from datasets.occupancy import read_occupancy_zup
+from models.inputs import NUM_VIEWS
 from utils.cameras import plucker_rays
 
-NUM_VIEWS = 12
 BACKGROUND_DEPTH = 2.9          # the official loader zeroes decoded depth above this
 BACKGROUND_DISPARITY = 1 / 3.0  # what the writer stores as d_near: v = 0 decodes to depth 3
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 VIEW_FILES = ("raw_img.png", "depth_alpha.jpg", "d_near_far.npy", "c.npy", "bbox.npy",
               "caption_3dtopia.txt", "ins.txt")
@@ -232,45 +230,13 @@ def load_index(root) -> dict:
     return index
 
 
-def imagenet_normalise(rgb: torch.Tensor) -> torch.Tensor:
-    """(..., 3, H, W) RGB in [0, 1] -> ImageNet mean/std normalised."""
-    mean = torch.tensor(IMAGENET_MEAN, device=rgb.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=rgb.device).view(3, 1, 1)
-    return (rgb - mean) / std
-
-
-def encoder_input(rgb_V3HW: torch.Tensor, plucker_V6HW: torch.Tensor, depth_VHW: torch.Tensor) -> torch.Tensor:
-    """The official 10-channel encoder input: ImageNet-normalised RGB (from [0, 1]), Plucker
-    rays, raw depth. Works batched too ((..., V, C, H, W)). Returns (..., V, 10, H, W)."""
-    return torch.cat([imagenet_normalise(rgb_V3HW), plucker_V6HW, depth_VHW.unsqueeze(-3)], -3)
-
-
-def input_view_sets(num_views: int, total: int = NUM_VIEWS) -> list[list[int]]:
-    """The two encoder inputs of an object, as the official loader makes them: views 0-5 and views
-    6-11 (each half circles the object once). With fewer than 6 encoder views, each half is
-    thinned evenly (2 views: [0, 3] and [6, 9]). Both sets are supervised on all views."""
-    half = total // 2
-    if not 1 <= num_views <= half:
-        raise ValueError(f"num_views must be between 1 and {half}, got {num_views}")
-    return [[h * half + (i * half) // num_views for i in range(num_views)] for h in (0, 1)]
-
-
-def encoder_views(rgb_BV3HW: torch.Tensor, depth_BVHW: torch.Tensor, c_BV25: torch.Tensor, view_ids,
-                  size: int) -> torch.Tensor:
-    """The encoder input of a batch of objects from the chosen views, at the encoder's size.
-
-    rgb in [0, 1], depth as decoded (0 = background), cameras as c.npy rows. Views stored at
-    another resolution are resized (RGB area-averaged, depth nearest so that no depth between
-    object and background is invented) and their Plucker rays recomputed at `size`.
-    Returns (B·V, 10, size, size), the views of an object adjacent.
-    """
-    rgb, depth, c = rgb_BV3HW[:, view_ids], depth_BVHW[:, view_ids], c_BV25[:, view_ids]
-    B, V = rgb.shape[:2]
-    rgb, depth, c = rgb.flatten(0, 1).float(), depth.flatten(0, 1).float(), c.flatten(0, 1).float()
-    if rgb.shape[-1] != size or rgb.shape[-2] != size:
-        rgb = F.interpolate(rgb, size=(size, size), mode="area")
-        depth = F.interpolate(depth[:, None], size=(size, size), mode="nearest-exact")[:, 0]
-    return encoder_input(rgb, plucker_rays(c.cpu(), size, size).to(rgb), depth)
+def dino_view(obj_dir) -> int:
+    """The view the official DINO embedding was taken from: (id % 4) + 1 with id the object's
+    folder name ("4 images correspond to one caption"); a name that is not a number counts by
+    its characters, so the choice does not depend on the split."""
+    name = Path(obj_dir).name
+    obj_id = int(name) if name.isdigit() else sum(map(ord, name))
+    return obj_id % 4 + 1
 
 
 class GBufferDataset(torch.utils.data.Dataset):

@@ -10,7 +10,7 @@ of scales ≤ s.
     model = NextScaleAR(ARConfig(condition="text", depth=16, pooled_dim=768, seq_dim=768,
                                  cross_attn="after_self"))
     logits_BLV = model(x_BLCv_wo_first_l, Condition(pooled=pooled_BD, tokens=tokens_BTD))
-    idx = model.sample(vqvae.quantizer, cond, uncond=Condition(pooled=..., tokens=...), cfg=4.0,
+    idx = model.sample(vqvae.quantizer, cond, uncond=Condition(pooled=..., tokens=...), guidance=4.0,
                        top_k=10, top_p=0.5, seed=0)    # per scale (B·3, pn²); decode_tokens(idx)
 """
 from __future__ import annotations
@@ -24,10 +24,9 @@ import torch
 from torch import nn
 
 from models.ar_blocks import AdaLNBeforeHead, ARBlock, KVCache
+from models.layout import NUM_PLANES, planes_to_sequence, seq_len, sequence_to_planes, token_levels_planes
 from utils.checkpoint import ConversionError, load_built, map_official_state
 from utils.config import ConfigError, from_dict
-
-NUM_PLANES = 3
 
 
 @dataclass
@@ -53,6 +52,8 @@ class ARConfig:
     init_head: float = 0.02
     encoder: str = ""                 # the condition encoder it was trained on (models.conditioners
                                       # source); "": the official DINOv2 / CLIP
+    tokenizer: str = ""               # fingerprint of the VQVAE whose tokens it was trained on
+                                      # (models.layout.tokenizer_signature); "": unknown
 
     def __post_init__(self):
         self.patch_nums = tuple(self.patch_nums)
@@ -69,7 +70,7 @@ class ARConfig:
 
     @property
     def seq_len(self) -> int:
-        return NUM_PLANES * sum(pn * pn for pn in self.patch_nums)
+        return seq_len(self.patch_nums)
 
 
 class Condition(NamedTuple):
@@ -100,13 +101,6 @@ def sample_top_k_top_p(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 
     return torch.multinomial(probs, 1, generator=generator).view(B, l)
 
 
-def token_levels_planes(patch_nums) -> tuple:
-    """Scale index and plane index of every token of the sequence, each (L,) int64."""
-    lvl = torch.cat([torch.full((NUM_PLANES * pn * pn,), s) for s, pn in enumerate(patch_nums)])
-    plane = torch.cat([torch.arange(NUM_PLANES).repeat_interleave(pn * pn) for pn in patch_nums])
-    return lvl, plane
-
-
 class NextScaleAR(nn.Module):
     """Block-causal transformer over the token pyramid. Parameter names follow the official
     `var_wo_ddp` (image or text) so that converted checkpoints load strictly."""
@@ -133,12 +127,17 @@ class NextScaleAR(nn.Module):
         self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps)
         self.head = nn.Linear(C, cfg.vocab_size)
 
-        # Derived index buffers (not saved: they follow from patch_nums).
-        lvl, plane = token_levels_planes(cfg.patch_nums)
-        self.register_buffer("lvl_1L", lvl[None], persistent=False)
-        self.register_buffer("plane_1L", plane[None], persistent=False)
-        self.register_buffer("mask_LL", lvl[:, None] >= lvl[None, :], persistent=False)
+        self.build_index_buffers()
         self.init_weights()
+
+    def build_index_buffers(self, device=None):
+        """The index buffers that follow from patch_nums (not saved): level and plane of every
+        token, and the block-causal mask. Called again after weights are assigned into a model
+        built on the meta device."""
+        lvl, plane = token_levels_planes(self.cfg.patch_nums)
+        self.register_buffer("lvl_1L", lvl[None].to(device), persistent=False)
+        self.register_buffer("plane_1L", plane[None].to(device), persistent=False)
+        self.register_buffer("mask_LL", (lvl[:, None] >= lvl[None, :]).to(device), persistent=False)
 
     @torch.no_grad()
     def init_weights(self):
@@ -235,22 +234,23 @@ class NextScaleAR(nn.Module):
             return Condition(labels=torch.full((batch,), self.cfg.num_classes, dtype=torch.long, device=device))
         if uncond is None:
             raise ValueError("guidance needs the unconditional embedding: pass uncond= the encoder's empty(), "
-                             "or cfg=0")
+                             "or guidance=0")
         return Condition(pooled=uncond.pooled.reshape(1, -1).expand(batch, -1),
                          tokens=None if uncond.tokens is None
                          else uncond.tokens.reshape(1, *uncond.tokens.shape[-2:]).expand(batch, -1, -1))
 
     @torch.no_grad()
     def sample(self, quantizer, cond: Condition, uncond: Condition | None = None, *, batch: int | None = None,
-               cfg: float = 4.0, top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0,
+               guidance: float = 4.0, top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0,
                seed: int | None = None, generator: torch.Generator | None = None, use_cache: bool = True,
                scale_seconds: list | None = None) -> list:
         """Sample token ids scale by scale, always in eval mode.
 
         quantizer: the VQVAE's TriplaneQuantizer (builds each next scale's input).
         cond: batch B conditions (class/none models may pass batch= instead).
-        cfg: guidance weight, ramped as t = cfg·s/(S-1): logits = (1+t)·cond - t·uncond. With
-            uncond given (implicit for class models), the batch is doubled even at cfg 0; a
+        guidance: classifier-free guidance weight, ramped as t = guidance·s/(S-1): logits =
+            (1+t)·cond - t·uncond. With uncond given (implicit for class models), the batch is
+            doubled even at guidance 0; a
             model with no condition samples unguided.
         seed or generator: the sampling randomness (a seed builds a generator on the model's device).
         use_cache: keep self-attention keys/values (True), or rerun the whole prefix at every scale.
@@ -262,8 +262,8 @@ class NextScaleAR(nn.Module):
             generator = torch.Generator(device=device)
             generator.manual_seed(0 if seed is None else seed)
         B = next((t.shape[0] for t in cond if t is not None), batch or 1)
-        guided = uncond is not None or (cfg != 0 and self.cfg.condition == "class")
-        if cfg != 0 and not guided:
+        guided = uncond is not None or (guidance != 0 and self.cfg.condition == "class")
+        if guidance != 0 and not guided:
             self.unconditional(None, B, device)            # raises the message
         if self.cfg.condition == "none" and cond.labels is None:
             cond = Condition(labels=torch.zeros(B, dtype=torch.long, device=device))
@@ -273,12 +273,12 @@ class NextScaleAR(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            return self._sample_loop(quantizer, cond, B, guided, cfg, top_k, top_p, temperature, generator,
+            return self._sample_loop(quantizer, cond, B, guided, guidance, top_k, top_p, temperature, generator,
                                      use_cache, scale_seconds)
         finally:
             self.train(was_training)
 
-    def _sample_loop(self, quantizer, cond, B, guided, cfg, top_k, top_p, temperature, generator, use_cache,
+    def _sample_loop(self, quantizer, cond, B, guided, guidance, top_k, top_p, temperature, generator, use_cache,
                      scale_seconds):
         pn_list, S = self.cfg.patch_nums, len(self.cfg.patch_nums)
         tick = time.perf_counter()
@@ -304,10 +304,10 @@ class NextScaleAR(nn.Module):
                 h = h[:, cur:]
             logits_BlV = self.logits(h, cond_BD)
             if guided:
-                t = cfg * si / max(S - 1, 1)
+                t = guidance * si / max(S - 1, 1)
                 logits_BlV = (1 + t) * logits_BlV[:B] - t * logits_BlV[B:]
             idx_Bl = sample_top_k_top_p(logits_BlV, top_k, top_p, temperature, generator)
-            idx_planes = idx_Bl.reshape(B * NUM_PLANES, pn * pn)
+            idx_planes = sequence_to_planes(idx_Bl, (pn,))[0]
             idx_out.append(idx_planes)
             f_hat, nxt = quantizer.next_autoregressive_input(si, f_hat, quantizer.lookup(idx_planes))
             cur += n
@@ -318,8 +318,8 @@ class NextScaleAR(nn.Module):
                 tick = time.perf_counter()
             if si == S - 1:
                 break
-            m = NUM_PLANES * pn_list[si + 1] ** 2
-            x_in = self.word_embed(nxt.flatten(2).transpose(1, 2).reshape(B, m, -1)) + pos[:, cur:cur + m]
+            x_in = self.word_embed(planes_to_sequence([nxt.flatten(2).transpose(1, 2)]))
+            x_in = x_in + pos[:, cur:cur + x_in.shape[1]]
             if guided:
                 x_in = x_in.repeat(2, 1, 1)
             if not use_cache:

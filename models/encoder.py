@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.ldm_blocks import Downsample, ResnetBlock, group_norm
-from models.lift import NUM_PLANES, ViewLift
+from models.layout import NUM_PLANES, split_planes
+from models.lift import ViewLift
 
 
 @dataclass
@@ -133,13 +134,6 @@ class MultiViewSpatialTransformer(nn.Module):
             t = block(t, num_views)
         t = t.transpose(1, 2).reshape(N, -1, h, w)
         return x_NChw + self.proj_out(t)
-
-
-def split_planes(f_BChw: torch.Tensor, num_planes: int = NUM_PLANES) -> torch.Tensor:
-    """(B, num_planes·Cvae, h, w) → (B·num_planes, Cvae, h, w); plane p is channels
-    p·Cvae … p·Cvae+Cvae−1 of each object, and the planes of an object stay adjacent."""
-    B, C, h, w = f_BChw.shape
-    return f_BChw.reshape(B * num_planes, C // num_planes, h, w)
 
 
 class MultiViewEncoder(nn.Module):

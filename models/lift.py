@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NUM_PLANES = 3
+from models.layout import NUM_PLANES
 
 
 def pixel_centres(n: int, dtype=torch.float64, device=None) -> torch.Tensor:

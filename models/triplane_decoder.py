@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from models.ldm_blocks import AttnBlock, ResnetBlock, Upsample, group_norm
 
-NUM_PLANES = 3
+from models.layout import NUM_PLANES
 
 
 def official_to_ours(key: str) -> str | None:

@@ -20,7 +20,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from models.encoder import EncoderConfig, MultiViewEncoder, split_planes
+from models.encoder import EncoderConfig, MultiViewEncoder
+from models.layout import as_planes, split_planes
 from models.quantizer import TriplaneQuantizer
 from models.triplane_decoder import TriplaneDecoder, TriplaneDecoderConfig, official_to_ours
 from renderers.flexicubes import FlexiCubesConfig, FlexiCubesRenderer
@@ -106,18 +107,13 @@ class TriplaneVQVAE(nn.Module):
         """Token ids per scale -> triplane (B, 3·C, R, R)."""
         return self.decoder(self.quantizer.idx_to_fhat(idx_Bl))
 
-    @staticmethod
-    def planes(triplane: torch.Tensor) -> torch.Tensor:
-        """(B, 3·C, R, R) -> (B, 3, C, R, R), the renderers' layout."""
-        return triplane.reshape(triplane.shape[0], 3, -1, *triplane.shape[-2:])
-
     def render(self, triplane: torch.Tensor, c_B25: torch.Tensor, **kw) -> dict:
         """Render a triplane from cameras (c.npy rows); see renderers/nerf.py or renderers/flexicubes.py."""
-        return self.renderer(self.planes(triplane), c_B25, **kw)
+        return self.renderer(as_planes(triplane), c_B25, **kw)
 
     def query(self, triplane: torch.Tensor, pts_BN3: torch.Tensor) -> tuple:
         """Raw density (B, N, 1) and colour (B, N, 3) of a triplane at points (B, N, 3): NeRF renderer only."""
-        return self.renderer.query(self.planes(triplane), pts_BN3)
+        return self.renderer.query(as_planes(triplane), pts_BN3)
 
 
 def load_vqvae(ckpt, device="cpu") -> TriplaneVQVAE:

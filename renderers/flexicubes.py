@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.layout import as_planes
 from renderers.flexicubes_tables import CHECK_TABLE, CUBE_CORNERS, CUBE_EDGES, DMC_TABLE, NUM_VD_TABLE
 from renderers.nerf import sample_triplane
 from renderers.rasterizer import rasterize
@@ -356,7 +357,7 @@ class FlexiCubesRenderer(nn.Module):
         rasterised surface points, differentiable w.r.t. the mesh through the barycentrics."""
         cfg = self.cfg
         res = resolution or cfg.resolution
-        planes = planes.reshape(planes.shape[0], 3, -1, *planes.shape[-2:])
+        planes = as_planes(planes)
         P, B = planes.shape[0], c.shape[0]
         if B % P:
             raise ValueError(f"{B} cameras cannot be split evenly over {P} objects")
@@ -387,7 +388,7 @@ class FlexiCubesRenderer(nn.Module):
     def extract_mesh(self, planes: torch.Tensor) -> list:
         """planes (B, 3*C, Hp, Wp) or (B, 3, C, Hp, Wp) -> per object (vertices (V, 3) float world
         units, faces (F, 3) long, vertex colours (V, 3) in [0, 1] from net_rgb), two triangles per quad."""
-        planes = planes.reshape(planes.shape[0], 3, -1, *planes.shape[-2:])
+        planes = as_planes(planes)
         meshes, _ = self.meshes(planes, training=False)
         out = []
         for p, (verts, faces) in enumerate(meshes):

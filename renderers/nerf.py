@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.layout import as_planes
 from utils.cameras import unpack_cameras
 
 
@@ -216,7 +217,7 @@ class NeRFRenderer(nn.Module):
         res = resolution or cfg.resolution
         det = cfg.deterministic if deterministic is None else deterministic
         B = c.shape[0]
-        planes = planes.reshape(planes.shape[0], 3, -1, *planes.shape[-2:]).expand(B, -1, -1, -1, -1)
+        planes = as_planes(planes).expand(B, -1, -1, -1, -1)
         o, d = camera_rays(c.to(planes.device), res)
         if pixels is not None:
             pick = pixels.to(o.device)[..., None].expand(-1, -1, 3)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from models.layout import NUM_PLANES, as_planes
 from renderers.nerf import NeRFRenderer
 
 OFFICIAL_SIGMA = 10.0                                                # the official export's raw-sigma level
@@ -36,13 +37,11 @@ def grid_to_world(index, resolution: int, box_side: float) -> np.ndarray:
 
 def _as_planes(planes: torch.Tensor) -> torch.Tensor:
     """One triplane, (3, C, H, W), (3·C, H, W) or with a batch of 1 in front -> (1, 3, C, H, W)."""
-    if planes.dim() in (4, 5) and planes.shape[0] == 1:      # a batch of one
-        planes = planes[0]
-    if planes.dim() == 4 and planes.shape[0] == 3:
-        return planes[None]
-    if planes.dim() == 3 and planes.shape[0] % 3 == 0:
-        return planes.reshape(1, 3, -1, *planes.shape[-2:])
-    raise ValueError(f"planes must be one triplane (3, C, H, W) or (3*C, H, W), got shape {tuple(planes.shape)}")
+    if planes.dim() == 3 or (planes.dim() == 4 and planes.shape[0] == NUM_PLANES):
+        planes = planes[None]
+    if planes.dim() not in (4, 5) or planes.shape[0] != 1 or planes.shape[1] % NUM_PLANES:
+        raise ValueError(f"planes must be one triplane (3, C, H, W) or (3*C, H, W), got shape {tuple(planes.shape)}")
+    return as_planes(planes)
 
 
 @torch.no_grad()

@@ -84,7 +84,7 @@ def main(argv=None):
                     torch.cuda.reset_peak_memory_stats(device)
                 t0 = time.perf_counter()
                 with autocast:
-                    model.sample(quant, cond, uncond, batch=B, cfg=4.0, top_k=10, top_p=0.5, seed=r,
+                    model.sample(quant, cond, uncond, batch=B, guidance=4.0, top_k=10, top_p=0.5, seed=r,
                                  use_cache=cache, scale_seconds=per_scale)
                 if device.type == "cuda":
                     torch.cuda.synchronize()

@@ -8,14 +8,8 @@
 The prompts are captions of single-primitive procedural objects (datasets/shapes.py) drawn with a
 seed the training set did not use (make_shapes uses 0 by default; with --data-dir, prompts whose
 caption occurs in that dataset are skipped, so combinations are held out too), each caption once.
-One object is sampled per prompt (sample.py's models, defaults and sampling settings) and checked:
-
-- shape family: the nearest analytic template by symmetric Chamfer distance between surface
-  samples, both normalised (bounding-box centre at the origin, largest half-extent 1), minimised
-  over turns about the vertical axis and then refined by ICP (`classify_family`); templates:
-  every family at the ends and the middle of each of its proportion ranges;
-- colour: the palette entry nearest in direction (cosine in RGB, so shading that darkens a
-  colour does not change it) to the mesh's mean vertex colour.
+One object is sampled per prompt (sample.py's models, defaults and sampling settings) and its
+shape family and colour are checked (evaluation/shape_check.py).
 
 With --reconstruct there is no generator: the held-out single-primitive objects of --data-dir (the
 last --holdout of each family's category) are decoded from their own token ids
@@ -33,163 +27,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
-from scipy.spatial import cKDTree
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.gbuffer import GBufferDataset, load_index, read_gbuffer_object, read_precomputed, read_text  # noqa: E402
-from datasets.shapes import FAMILIES, PALETTE, PROPORTIONS, Part, ProceduralShape, sample_shape  # noqa: E402
+from datasets.gbuffer import read_precomputed  # noqa: E402
+from datasets.shapes import FAMILIES  # noqa: E402
+from evaluation.shape_check import (NUM_POINTS, classify_colour, classify_family, condition_view,  # noqa: E402
+                                    contact_sheet, held_out_objects, held_out_prompts, templates)
+from models.layout import sequence_to_planes  # noqa: E402
+from pipelines.sar3d import DEMO_DIR, Decoder3D, SamplingConfig, SAR3DPipeline, load_tokenizer  # noqa: E402
 from renderers.mesh_render import sample_surface  # noqa: E402
-from sample import DEMO_MODELS, Decoder3D, build_generator, existing_checkpoint, load_vqvae_any  # noqa: E402
-from scripts.precompute import dino_view, sequence_to_planes  # noqa: E402
 from utils.cli import run  # noqa: E402
-
-NUM_POINTS = 1000
-YAWS = np.radians(np.arange(0, 180, 5))     # boxes and pyramids a few degrees off lose to cylinders and cones
-
-
-def normalise(points: np.ndarray) -> np.ndarray:
-    lo, hi = points.min(0), points.max(0)
-    return (points - (lo + hi) / 2) / max((hi - lo).max() / 2, 1e-9)
-
-
-def templates(seed: int = 0) -> list:
-    """(family, normalised surface points, their KD-tree) for every family at the two ends and
-    the middle of each of its proportion ranges; boxes also at the narrow end of their depth
-    ratio (0.7, the other end 1.3 being the same box turned 90 degrees once normalised)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for family in FAMILIES:
-        for lo, hi in PROPORTIONS[family].values():
-            for q in sorted({lo, (lo + hi) / 2, hi}):
-                for aux in (1.0, 0.7) if family == "box" else (1.0,):
-                    shape = ProceduralShape([Part(family, q, aux, color="red")], family, family, 1.0, np.eye(3),
-                                            mc_res=48)
-                    mesh = shape.mesh()
-                    pts = normalise(sample_surface(mesh.verts, mesh.faces, NUM_POINTS, rng)[0])
-                    out.append((family, pts, cKDTree(pts)))
-    return out
-
-
-def similarity_fit(src: np.ndarray, dst: np.ndarray) -> tuple:
-    """Least-squares rotation R, scale s and shift t with s * R @ src_i + t ~ dst_i (Umeyama)."""
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    a, b = src - mu_s, dst - mu_d
-    U, S, Vt = np.linalg.svd(b.T @ a / len(src))
-    D = np.diag([1.0, 1.0, np.sign(np.linalg.det(U @ Vt))])
-    R = U @ D @ Vt
-    s = (S * np.diag(D)).sum() / a.var(0).sum()
-    return R, s, mu_d - s * R @ mu_s
-
-
-def classify_family(points: np.ndarray, refs: list, icp_steps: int = 10) -> str:
-    """The family whose template is nearest to surface `points` (N, 3) by symmetric Chamfer
-    distance. Each template is first matched over turns about z, the points normalised after each
-    turn (a bounding box taken before it shrinks an object turned 45 degrees by up to 1/sqrt(2));
-    the best turn of each family's best template is then refined by `icp_steps` steps of ICP
-    over rotation, scale and shift, which take up the tilt of the procedural objects (up to 15
-    degrees) that would otherwise pass a box for a cylinder or a pyramid for a cone."""
-    best = {}
-    for yaw in YAWS:
-        c, s = math.cos(yaw), math.sin(yaw)
-        rotated = normalise(points @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]]).T)
-        tree = cKDTree(rotated)
-        for family, ref_pts, ref_tree in refs:
-            d = ref_tree.query(rotated)[0].mean() + tree.query(ref_pts)[0].mean()
-            if d < best.get(family, (math.inf,))[0]:
-                best[family] = (d, rotated, ref_pts, ref_tree)
-    scores = {}
-    for family, (d, pts, ref_pts, ref_tree) in best.items():
-        for step in range(icp_steps + 1):
-            d_to, to_ref = ref_tree.query(pts)
-            d_from, from_ref = cKDTree(pts).query(ref_pts)
-            d = min(d, d_to.mean() + d_from.mean())
-            if step < icp_steps:
-                R, scale, t = similarity_fit(np.concatenate([pts, pts[from_ref]]),
-                                             np.concatenate([ref_pts[to_ref], ref_pts]))
-                pts = pts @ (scale * R).T + t
-        scores[family] = d
-    return min(scores, key=scores.get)
-
-
-def classify_colour(colours_uint8: np.ndarray) -> str:
-    mean = colours_uint8.reshape(-1, 3).astype(np.float64).mean(0) / 255
-    names = list(PALETTE)
-    pal = np.array([PALETTE[n] for n in names])
-    cos = pal @ mean / (np.linalg.norm(pal, axis=1) * max(np.linalg.norm(mean), 1e-9))
-    return names[int(cos.argmax())]
-
-
-def held_out_prompts(num: int, seed: int, data_dir: Path | None, tries: int = 200) -> list:
-    """[(caption, family, colour)] of `num` distinct single-primitive objects, families
-    round-robin. A family that draws no new caption in `tries` draws (spheres have only size and
-    colour words, and a training set holds most of them) leaves the rotation."""
-    seen = set()
-    if data_dir is not None:
-        seen = {read_text(Path(data_dir, rel, "caption_3dtopia.txt")) for rels in load_index(data_dir).values()
-                for rel in rels}
-    out, index, families = [], 0, list(FAMILIES)
-    while len(out) < num:
-        if not families:
-            raise ValueError(f"only {len(out)} captions of seed {seed} are new"
-                             + (f" to --data-dir {data_dir}" if data_dir else "") + f"; lower --num below {num}")
-        family = families[len(out) % len(families)]
-        for _ in range(tries):
-            shape = sample_shape(seed, index, label=family, mc_res=16)
-            index += 1
-            if shape.caption not in seen:
-                break
-        else:
-            families.remove(family)
-            continue
-        seen.add(shape.caption)
-        out.append((shape.caption, family, shape.parts[0].color))
-    return out
-
-
-def held_out_objects(data_dir: Path, holdout: int) -> list:
-    """[(caption, family, colour, object dir)] of the held-out objects (the trainers' "val" split)
-    of each category named after a family."""
-    families = [f for f in FAMILIES if f in load_index(data_dir)]
-    if not families:
-        raise ValueError(f"--data-dir {data_dir}: no category named after a family ({', '.join(FAMILIES)})")
-    out = []
-    for rel, ci in GBufferDataset(data_dir, split="val", holdout=holdout, categories=families).items:
-        caption = read_text(Path(data_dir, rel, "caption_3dtopia.txt"))
-        colours = [c for c in PALETTE if re.search(rf"\b{c}\b", caption)]
-        out.append((caption, families[ci], colours[0] if colours else "none", Path(data_dir, rel)))
-    return out
-
-
-def condition_view(obj_dir: Path) -> torch.Tensor:
-    """The view of an object that the image generator's training condition is taken from,
-    (3, H, W) in [0, 1]."""
-    rgb = read_gbuffer_object(obj_dir)["rgb"][dino_view(obj_dir)]
-    return torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
-
-
-def contact_sheet(path: Path, tiles: list, cols: int = 10) -> None:
-    """tiles: [(image (R, R, 3) uint8, [lines])]."""
-    size, text_h = tiles[0][0].shape[0], 36
-    rows = -(-len(tiles) // cols)
-    sheet = Image.new("RGB", (cols * size, rows * (size + text_h)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (img, lines) in enumerate(tiles):
-        x, y = (i % cols) * size, (i // cols) * (size + text_h)
-        sheet.paste(Image.fromarray(img), (x, y))
-        for j, line in enumerate(lines):
-            draw.text((x + 2, y + size + 2 + 11 * j), line[:26], fill=(0, 0, 0))
-    sheet.save(path)
 
 
 def main(argv=None) -> int:
@@ -207,9 +61,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ar", help="text generator folder, or image generator with --images (default: the demo model)")
     ap.add_argument("--text-encoder")
     ap.add_argument("--image-encoder")
-    ap.add_argument("--cfg", type=float, default=4.0)
-    ap.add_argument("--top-k", type=int, default=10)
-    ap.add_argument("--top-p", type=float, default=0.5)
+    ap.add_argument("--guidance", "--cfg", type=float, default=SamplingConfig.guidance)
+    ap.add_argument("--top-k", type=int, default=SamplingConfig.top_k)
+    ap.add_argument("--top-p", type=float, default=SamplingConfig.top_p)
     ap.add_argument("--mesh-resolution", type=int, default=64)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out-dir", type=Path, default=Path("outputs/eval_prompts"))
@@ -221,23 +75,24 @@ def main(argv=None) -> int:
     mode = "--reconstruct" if args.reconstruct else "--images" if args.images else None
     if mode and args.data_dir is None:
         raise ValueError(f"{mode} needs --data-dir (the dataset whose held-out objects are checked)")
-    sampling = {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p}
+    sampling = SamplingConfig(args.guidance, args.top_k, args.top_p)
     if args.reconstruct:
-        vq_src = existing_checkpoint("--vqvae", Path(args.vqvae or DEMO_MODELS["vqvae"]))
-        dec = Decoder3D(load_vqvae_any(vq_src, "nerf", args.device), args.device)
+        dec = Decoder3D(load_tokenizer(args.vqvae or DEMO_DIR / "vqvae", "nerf", args.device), args.device)
         patch_nums = dec.vqvae.cfg.quantizer.patch_nums
         cases = [(caption, family, colour, lambda d=d: dec.triplanes(
                   sequence_to_planes(read_precomputed(d)["gt_BL"][None].to(dec.device), patch_nums)))
                  for caption, family, colour, d in held_out_objects(args.data_dir, args.holdout)]
     elif args.images:
-        dec = build_generator("image", torch.device(args.device), args.vqvae, args.ar, args.image_encoder)
-        cases = [(caption, family, colour, lambda i=i, d=d: dec.triplanes(dec.sample(
-                  condition_view(d), 1, args.sample_seed + i, **sampling)))
+        dec = SAR3DPipeline.from_pretrained(None, "image", vqvae=args.vqvae, ar=args.ar, encoder=args.image_encoder,
+                                            device=args.device)
+        cases = [(caption, family, colour, lambda i=i, d=d: dec.triplanes(dec.sample_tokens(
+                  condition_view(d), 1, args.sample_seed + i, sampling)))
                  for i, (caption, family, colour, d) in enumerate(held_out_objects(args.data_dir, args.holdout))]
     else:
-        dec = build_generator("text", torch.device(args.device), args.vqvae, args.ar, args.text_encoder)
-        cases = [(prompt, family, colour, lambda i=i, p=prompt: dec.triplanes(dec.sample(
-                  p, 1, args.sample_seed + i, **sampling)))
+        dec = SAR3DPipeline.from_pretrained(None, "text", vqvae=args.vqvae, ar=args.ar, encoder=args.text_encoder,
+                                            device=args.device)
+        cases = [(prompt, family, colour, lambda i=i, p=prompt: dec.triplanes(dec.sample_tokens(
+                  p, 1, args.sample_seed + i, sampling)))
                  for i, (prompt, family, colour) in enumerate(held_out_prompts(args.num, args.seed, args.data_dir))]
     refs = templates()
     results, tiles = [], []

@@ -142,7 +142,7 @@ def test_cached_sampling_equals_uncached(kind):
         cond, u = Condition(labels=torch.tensor([0, 4])) if kind == "class" else Condition(), None
     else:
         cond, u = condition(), uncond()
-    kw = dict(batch=2, cfg=2.0, top_k=20, top_p=0.9, seed=7)
+    kw = dict(batch=2, guidance=2.0, top_k=20, top_p=0.9, seed=7)
     a = model.sample(q, cond, u, use_cache=True, **kw)
     b = model.sample(q, cond, u, use_cache=False, **kw)
     assert [t.shape for t in a] == [(6, 1), (6, 4), (6, 16)]
@@ -152,9 +152,9 @@ def test_cached_sampling_equals_uncached(kind):
 def test_same_seed_same_object_and_eval_mode_always():
     model, q = tiny("image", drop_path=0.5), quantizer()      # drop-path would randomise a training-mode model
     model.train()
-    a = model.sample(q, condition(), uncond(), cfg=3.0, seed=11)
-    b = model.sample(q, condition(), uncond(), cfg=3.0, seed=11)
-    c = model.sample(q, condition(), uncond(), cfg=3.0, seed=12)
+    a = model.sample(q, condition(), uncond(), guidance=3.0, seed=11)
+    b = model.sample(q, condition(), uncond(), guidance=3.0, seed=11)
+    c = model.sample(q, condition(), uncond(), guidance=3.0, seed=12)
     assert model.training
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
@@ -162,11 +162,11 @@ def test_same_seed_same_object_and_eval_mode_always():
 
 def test_guidance_zero_is_the_conditional_model():
     model, q = tiny("image"), quantizer()
-    guided = model.sample(q, condition(), uncond(), cfg=0.0, seed=5)      # doubled batch, t = 0
-    alone = model.sample(q, condition(), None, cfg=0.0, seed=5)
+    guided = model.sample(q, condition(), uncond(), guidance=0.0, seed=5)      # doubled batch, t = 0
+    alone = model.sample(q, condition(), None, guidance=0.0, seed=5)
     assert all(torch.equal(x, y) for x, y in zip(guided, alone))
     with pytest.raises(ValueError, match="unconditional embedding"):
-        model.sample(q, condition(), None, cfg=1.0)
+        model.sample(q, condition(), None, guidance=1.0)
 
 
 def test_first_scale_follows_the_conditional_logits():
@@ -176,7 +176,7 @@ def test_first_scale_follows_the_conditional_logits():
     cond = Condition(labels=torch.tensor([2, 3]))
     with torch.no_grad():
         logits = model(teacher_input(), cond)[:, :3]
-    idx = model.sample(q, cond, cfg=5.0, top_k=1, seed=0)
+    idx = model.sample(q, cond, guidance=5.0, top_k=1, seed=0)
     assert torch.equal(idx[0].view(2, 3), logits.argmax(-1))
 
 
@@ -242,6 +242,13 @@ class _RunsACommand:
         return os.system, (f"touch {self.marker}",)
 
 
+def official_state_of(model: NextScaleAR) -> dict:
+    """The state dict as the official var_wo_ddp holds it: with the derived index and mask buffers."""
+    L = model.cfg.seq_len
+    return {**model.state_dict(), "lvl_1L": model.lvl_1L.clone(), "plane_1L": model.plane_1L.clone(),
+            "attn_bias_for_masking": torch.zeros(1, 1, L, L)}
+
+
 def test_convert_script_reads_the_official_file_layout_without_running_its_objects(tmp_path, capsys):
     import argparse
     import yaml
@@ -251,9 +258,8 @@ def test_convert_script_reads_the_official_file_layout_without_running_its_objec
     model = tiny("text")
     cfg = to_dict(model.cfg)
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**cfg, "patch_nums": list(PN)}))
-    lvl, plane = model.lvl_1L, model.plane_1L
-    official = {**model.state_dict(), "lvl_1L": lvl.clone(), "plane_1L": plane.clone(),
-                "attn_bias_for_masking": torch.zeros(1, 1, 63, 63)}
+    lvl = model.lvl_1L
+    official = official_state_of(model)
     marker = tmp_path / "ran"
 
     def save(var_wo_ddp, name="text-condition-ckpt.pth", legacy=False):

@@ -3,7 +3,8 @@ tiny configuration (shapes, gradients, how views interact)."""
 import pytest
 import torch
 
-from models.encoder import EncoderConfig, MultiViewEncoder, split_planes
+from models.encoder import EncoderConfig, MultiViewEncoder
+from models.layout import split_planes
 from tests.official import filled_state, key_table, needs_official, reference, rel_err
 
 PREFIX = "encoder."

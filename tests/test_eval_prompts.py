@@ -5,7 +5,7 @@ import numpy as np
 
 from datasets.shapes import FAMILIES, PALETTE, SIZES, sample_shape
 from renderers.mesh_render import sample_surface
-from scripts.eval_prompts import (NUM_POINTS, classify_colour, classify_family, held_out_prompts, similarity_fit,
+from evaluation.shape_check import (NUM_POINTS, classify_colour, classify_family, held_out_prompts, similarity_fit,
                                   templates)
 from tests.helpers import make_tiny_dataset
 

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.gbuffer import CONDITION_FILES, EMPTY_FILES, TOKEN_FILES, GBufferDataset, encoder_input, input_view_sets
+from datasets.gbuffer import CONDITION_FILES, EMPTY_FILES, TOKEN_FILES, GBufferDataset
+from models.inputs import encoder_input, input_view_sets
 from models.conditioners import load_conditioner
 from models.vqvae import TriplaneVQVAE, VQVAEConfig
-from scripts.precompute import main, planes_to_sequence, sequence_to_planes
+from models.layout import planes_to_sequence, sequence_to_planes
+from scripts.precompute import main
 from tests.test_conditioners import CLIP_DIM, DINO_DIM, save_tiny_clip, save_tiny_dino
 from utils.checkpoint import save_model
 from utils.cli import run

@@ -14,6 +14,7 @@ import sample
 from models.ar import ARConfig, NextScaleAR
 from models.conditioners import EncoderUnavailable
 from models.vqvae import TriplaneVQVAE, VQVAEConfig
+from pipelines.sar3d import DEMO_DIR, load_image
 from tests.test_conditioners import save_tiny_bert
 from utils.checkpoint import CheckpointError, save_model
 from utils.config import load_config, to_dict
@@ -86,7 +87,7 @@ def test_image_input_rgba_composited_and_padded(tmp_path):
     rgba = np.zeros((20, 40, 4), np.uint8)
     rgba[5:15, 10:30] = (255, 0, 0, 255)                  # an opaque red block, the rest transparent
     Image.fromarray(rgba, "RGBA").save(tmp_path / "x.png")
-    x = sample.read_image(tmp_path / "x.png")
+    x = load_image(tmp_path / "x.png")
     assert x.shape == (3, 40, 40)
     np.testing.assert_allclose(x[:, 0, 0], 1.0)                 # padding and transparency: white
     np.testing.assert_allclose(x[:, 20, 20], [1.0, 0.0, 0.0])   # the block, centred vertically
@@ -155,8 +156,9 @@ def test_eval_prompts_images_shows_the_image_generator_the_held_out_objects(mode
     import shutil
     from datasets.gbuffer import load_index, read_text
     from models.conditioners import pil_to_tensor
-    from scripts.eval_prompts import condition_view, main
-    from scripts.precompute import dino_view
+    from evaluation.shape_check import condition_view
+    from scripts.eval_prompts import main
+    from datasets.gbuffer import dino_view
     data = Path(shutil.copytree(shapes_root, tmp_path / "data"))
     index = {f: rels for f, rels in load_index(data).items() if f in ("sphere", "box")}
     (data / "dataset.json").write_text(json.dumps(index))
@@ -175,9 +177,9 @@ def test_eval_prompts_images_shows_the_image_generator_the_held_out_objects(mode
         main(["--images", "--reconstruct", "--data-dir", str(data)])
 
 
-@pytest.mark.skipif(not (sample.DEMO_MODELS["text"] / "model.safetensors").is_file(), reason="no shipped demo model")
+@pytest.mark.skipif(not (DEMO_DIR / "ar_text" / "model.safetensors").is_file(), reason="no shipped demo model")
 def test_shipped_demo_model_makes_the_prompted_family(tmp_path):
-    from scripts.eval_prompts import classify_family, normalise, templates
+    from evaluation.shape_check import classify_family, normalise, templates
     from renderers.mesh_render import sample_surface
     assert sample.main(["--prompt", "a large red sphere", "--output-dir", str(tmp_path), "--no-video",
                         "--mesh-resolution", "48"]) == 0
@@ -186,3 +188,68 @@ def test_shipped_demo_model_makes_the_prompted_family(tmp_path):
     pts = normalise(sample_surface(np.asarray(mesh.vertices), np.asarray(mesh.faces), 2000,
                                    np.random.default_rng(0))[0])
     assert classify_family(pts, templates()) == "sphere"
+
+
+def test_pipeline_from_python_equals_sample_py(models, tmp_path):
+    """The README's few lines of Python give the tokens and mesh sample.py writes for that seed."""
+    import trimesh
+    from pipelines import SAR3DPipeline
+    pipe = SAR3DPipeline.from_pretrained(vqvae=models / "vqvae", ar=models / "ar", condition="text", device="cpu")
+    obj = pipe("a red torus", num_samples=1, seed=3, mesh_resolution=12, frames=4, render_resolution=16)[0]
+    obj.save(tmp_path / "py")
+    assert run_sample(models, tmp_path / "cli", "--prompt", "a red torus", "--seed", "3", "--no-video") == 0
+    cli = tmp_path / "cli" / "a_red_torus_0"
+    np.testing.assert_array_equal(obj.tokens, np.load(cli / "tokens.npy"))
+    a, b = (trimesh.load(p / "mesh.glb", force="mesh") for p in (tmp_path / "py", cli))
+    np.testing.assert_array_equal(a.vertices, b.vertices)
+    np.testing.assert_array_equal(a.faces, b.faces)
+
+
+def test_a_generator_of_another_vqvae_is_refused_in_one_line(models, tmp_path):
+    from models.layout import tokenizer_signature
+    from models.vqvae import load_vqvae
+    own = tokenizer_signature(load_vqvae(models / "vqvae").quantizer)["fingerprint"]
+    cfg = json.loads((models / "ar" / "config.json").read_text())
+    cfg.pop("kind")
+    for name, change, message in (("other", {"tokenizer": "0" * 16}, "trained on the tokens of another VQVAE"),
+                                  ("vocab", {"vocab_size": cfg["vocab_size"] * 2}, "vocab_size"),
+                                  ("same", {"tokenizer": own}, None)):
+        acfg = ARConfig(**{**cfg, **change})
+        save_model(tmp_path / name, NextScaleAR(acfg).state_dict(), to_dict(acfg), "ar")
+        argv = [sys.executable, str(ROOT / "sample.py"), "--prompt", "a box", "--vqvae", str(models / "vqvae"),
+                "--ar", str(tmp_path / name), "--output-dir", str(tmp_path / f"out_{name}"), "--no-video",
+                "--frames", "1", "--render-resolution", "8", "--mesh-resolution", "8"]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        if message is None:
+            assert r.returncode == 0, r.stderr
+            continue
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert message in lines[0] and str(models / "vqvae") in lines[0] and str(tmp_path / name) in lines[0]
+
+
+def test_official_generator_file_samples_directly(models, tmp_path):
+    """An official-layout AR file (the generator under trainer/var_wo_ddp with its derived buffers)
+    loads on the meta device and samples, with no conversion step."""
+    import yaml
+    from models.official import load_official
+    from models.vqvae import load_vqvae
+    from pipelines import SAR3DPipeline
+    from tests.test_ar import official_state_of
+    ours = json.loads((models / "ar" / "config.json").read_text())
+    ours.pop("kind")
+    torch.manual_seed(0)
+    model = NextScaleAR(ARConfig(**ours)).eval()
+    torch.save({"trainer": {"var_wo_ddp": official_state_of(model)}}, tmp_path / "text-condition-ckpt.pth")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({**ours, "patch_nums": list(ours["patch_nums"])}))
+    loaded, _ = load_official("ar-text", tmp_path / "text-condition-ckpt.pth", tmp_path / "cfg.yaml")
+    assert not any(t.is_meta for t in (*loaded.parameters(), *loaded.buffers()))
+    from models.conditioners import load_conditioner
+    vq = load_vqvae(models / "vqvae")
+    enc = load_conditioner("text", ours["encoder"], "cpu")
+    a = SAR3DPipeline("text", vq, loaded, enc, "cpu")("a red torus", seed=1, mesh_resolution=12, frames=1,
+                                                      render_resolution=8)[0]
+    b = SAR3DPipeline("text", vq, model, enc, "cpu")("a red torus", seed=1, mesh_resolution=12, frames=1,
+                                                     render_resolution=8)[0]
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert a.mesh is not None

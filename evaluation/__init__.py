@@ -1,0 +1,1 @@
+"""Evaluation: metrics and checks of reconstructions and generated objects."""

@@ -1,0 +1,73 @@
+"""The official SAR3D checkpoints, read safely and loaded into our models.
+
+    model, cfg = load_official("ar-text", "checkpoints/text-condition-ckpt.pth")
+    model, cfg = load_official("vqvae", "checkpoints/vqvae-ckpt.pt")
+
+The file is read with torch.load(weights_only=True); the AR files also hold their training
+arguments, which a restricted unpickler turns into inert placeholders (utils.checkpoint.read_official):
+nothing in them is imported or run. Every tensor is mapped to our name and checked against a
+model of the paper configuration built on the meta device (no memory, no initialisation), then
+assigned strictly: a missing, unexpected or mis-shaped tensor is one CheckpointError naming the
+file and the tensor.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from models import ar, vqvae
+from utils.checkpoint import CheckpointError, ConversionError, read_official_state
+from utils.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# kind -> (default config, model family)
+KINDS = {"vqvae": (CONFIGS / "vqvae" / "paper.yaml", "vqvae"),
+         "vqvae-flexicubes": (CONFIGS / "vqvae" / "paper_flexicubes.yaml", "vqvae"),
+         "ar-image": (CONFIGS / "ar" / "paper_image.yaml", "ar"),
+         "ar-text": (CONFIGS / "ar" / "paper_text.yaml", "ar")}
+# The official file names in checkpoints/, by kind.
+FILE_NAMES = {"vqvae": "vqvae-ckpt.pt", "vqvae-flexicubes": "vqvae-flexicubes-ckpt.pt",
+              "ar-text": "text-condition-ckpt.pth", "ar-image": "image-condition-ckpt.pth"}
+
+
+def _build(kind: str, cfg_path: Path):
+    """-> (model on the meta device, its config, the converter) for a kind."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown official checkpoint kind {kind!r}; one of {', '.join(KINDS)}")
+    if KINDS[kind][1] == "ar":
+        cfg = load_config(ar.ARConfig, cfg_path)
+        want = kind.split("-")[1]
+        if cfg.condition != want:
+            raise ConfigError(f"{kind} needs a config with condition: {want}, got {cfg.condition}")
+        with torch.device("meta"):                  # shapes only; the tensors come from the file
+            return ar.NextScaleAR(cfg), cfg, ar.convert_official
+    cfg = load_config(vqvae.VQVAEConfig, cfg_path)
+    wanted = "flexicubes" if kind == "vqvae-flexicubes" else "nerf"
+    if cfg.renderer_kind != wanted:
+        raise ConfigError(f"{kind} needs a config with renderer_kind: {wanted}, got {cfg.renderer_kind}")
+    with torch.device("meta"):
+        return vqvae.TriplaneVQVAE(cfg), cfg, vqvae.convert_official
+
+
+def load_official(kind: str, src, config=None):
+    """The official checkpoint `src` of `kind` (KINDS) converted and strictly loaded: (model on
+    the CPU, in eval mode, its config). `config` overrides the paper configuration (a YAML file)."""
+    src = Path(src)
+    model, cfg, convert = _build(kind, Path(config) if config else KINDS[kind][0])
+    if KINDS[kind][1] == "ar":
+        state = read_official_state(src, ("trainer", "var_wo_ddp"),
+                                    "the generator under trainer/var_wo_ddp (as in image-condition-ckpt.pth)")
+    else:
+        state = read_official_state(src, what="a state dict of tensors (such as the official vqvae-ckpt.pt)")
+    try:
+        ours = convert(state, model)
+    except ConversionError as e:
+        raise CheckpointError(f"{src}: {e}") from None
+    model.load_state_dict(ours, strict=True, assign=True)
+    if isinstance(model, ar.NextScaleAR):
+        model.build_index_buffers()
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{src}: {len(left)} tensors of the {kind} model were not filled ({left[0]}, ...)")
+    return model.eval(), cfg

@@ -1,0 +1,268 @@
+"""Text- or image-to-3D as a library: condition encoder -> next-scale generator -> VQVAE triplane
+-> mesh and turntable. Models load once; each call samples objects for one input.
+
+    from pipelines import SAR3DPipeline
+    pipe = SAR3DPipeline.from_pretrained("checkpoints/demo", condition="text")
+    objects = pipe("a red torus", num_samples=1, seed=0)
+    objects[0].save("outputs/red_torus")      # mesh.glb, turntable.mp4 + .gif, preview.png, tokens.npy
+
+A pipeline folder holds our checkpoint folders `vqvae/` (or `vqvae_flexicubes/`), `ar_text/`,
+`ar_image/`, or the official files under their official names (vqvae-ckpt.pt,
+text-condition-ckpt.pth, ...; models/official.py): checkpoints/demo is one, checkpoints/ with
+the official release is another.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from models.ar import Condition, NextScaleAR, load_ar
+from models.conditioners import load_conditioner, pil_to_tensor
+from models.layout import check_pair, object_sequence, tokenizer_signature
+from models.official import FILE_NAMES, load_official
+from models.vqvae import TriplaneVQVAE, load_vqvae
+from renderers.nerf_mesh import MESH_FORMATS, extract_mesh, write_mesh
+from utils.cameras import normalized_intrinsics, orbit_c2w, pack_cameras
+from utils.media import to_uint8, write_gif, write_grid, write_mp4
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_DIR = ROOT / "checkpoints" / "demo"
+OFFICIAL_DIR = ROOT / "checkpoints"
+
+
+@dataclass
+class SamplingConfig:
+    """How tokens are drawn (the defaults are sample.py's: the official guidance 4, top-k 10, top-p 0.5)."""
+    guidance: float = 4.0            # classifier-free guidance weight, ramped over the scales
+    top_k: int = 10
+    top_p: float = 0.5
+    temperature: float = 1.0
+
+
+@dataclass
+class Object3D:
+    """One sampled object. tokens: (3·Σpn²,) int64 in generator order; triplane (1, 3·C, R, R);
+    mesh: (vertices (N, 3) world units, faces (F, 3), colours (N, 3) uint8), or None with the
+    reason in mesh_error; frames: the turntable (N, R, R, 3) uint8 from azimuth 0; times: seconds
+    per stage; image: the conditioning image (3, S, S) for image input."""
+    tokens: np.ndarray
+    triplane: torch.Tensor
+    mesh: tuple | None = None
+    mesh_error: str | None = None
+    frames: np.ndarray | None = None
+    times: dict = field(default_factory=dict)
+    image: torch.Tensor | None = None
+
+    def save(self, folder, formats=(".glb",), video: bool = True) -> Path:
+        """Write tokens.npy, mesh.<format> for each of `formats`, preview.png (up to 8 turntable
+        views), turntable.mp4 and .gif (video), and input.png for image input. Returns the folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / "tokens.npy", self.tokens)
+        if self.mesh is not None:
+            for fmt in formats:
+                write_mesh(folder / f"mesh{fmt}", *self.mesh)
+        if self.frames is not None:
+            n = len(self.frames)
+            write_grid(folder / "preview.png", self.frames[::max(1, n // 8)][:8], cols=4)
+            if video:
+                write_mp4(folder / "turntable.mp4", self.frames)
+                write_gif(folder / "turntable.gif", self.frames)
+        if self.image is not None:
+            Image.fromarray(to_uint8(self.image)).save(folder / "input.png")
+        return folder
+
+
+def load_image(path) -> torch.Tensor:
+    """An RGB(A) file -> (3, S, S) in [0, 1]: transparency composited on white, then padded to a
+    square on white (the official test-time preprocessing)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            x = pil_to_tensor(im)
+    except (OSError, UnidentifiedImageError, ValueError):
+        raise ValueError(f"--image {path}: not a readable image file") from None
+    _, h, w = x.shape
+    if min(h, w) < 8:
+        raise ValueError(f"--image {path}: {w}x{h} pixels is too small (at least 8x8)")
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    return torch.nn.functional.pad(x, (left, side - w - left, top, side - h - top), value=1.0)
+
+
+def _checkpoint(folder: Path, ours: str, official: str, flag: str, given) -> Path:
+    """The checkpoint `given` (a path), else our folder `ours` or the official file in `folder`;
+    a one-line error naming the flag and where the checkpoint goes."""
+    if given is not None:
+        if not Path(given).exists():
+            raise FileNotFoundError(f"{flag}: no checkpoint at {given}; pass the checkpoint folder or official file")
+        return Path(given)
+    for candidate in (folder / ours, folder / official):
+        if candidate.exists():
+            return candidate
+    hint = ("rebuild the demo models with bash scripts/train_demo.sh" if folder == DEMO_DIR else
+            f"put our checkpoint folder {ours}/ or the official {official} there")
+    raise FileNotFoundError(f"{flag}: no checkpoint at {folder / ours} or {folder / official}; {hint}, "
+                            f"or pass {flag} PATH")
+
+
+class Decoder3D:
+    """A VQVAE loaded once: token ids -> triplanes -> views, turntables and meshes."""
+
+    def __init__(self, vqvae: TriplaneVQVAE, device=None):
+        self.vqvae = vqvae
+        self.device = torch.device(device) if device is not None else next(vqvae.parameters()).device
+
+    @torch.no_grad()
+    def triplanes(self, idx: list) -> torch.Tensor:
+        """Token ids per scale ((B·3, pn²) each) -> triplanes (B, 3·C, R, R)."""
+        return self.vqvae.decode_tokens(idx)
+
+    @torch.no_grad()
+    def views(self, triplane: torch.Tensor, azimuths, resolution: int, elevation: float = 20.0,
+              radius: float = 2.0) -> np.ndarray:
+        """(len(azimuths), R, R, 3) uint8 views around the +z axis at these azimuths (degrees)."""
+        c2w = np.stack([orbit_c2w(float(a), elevation, radius) for a in azimuths])
+        cams = torch.from_numpy(pack_cameras(c2w, normalized_intrinsics())).float().to(self.device)
+        images = [self.vqvae.render(triplane, c[None], resolution=resolution, deterministic=True)["image_raw"]
+                  for c in cams]
+        return to_uint8((torch.cat(images) + 1) / 2)
+
+    def turntable(self, triplane: torch.Tensor, frames: int, resolution: int) -> np.ndarray:
+        """`frames` views 360/frames degrees apart, from azimuth 0."""
+        return self.views(triplane, [360.0 * f / frames for f in range(frames)], resolution)
+
+    def mesh(self, triplane: torch.Tensor, resolution: int):
+        """-> vertices (N, 3) world units, faces (F, 3), colours (N, 3) uint8. ValueError when
+        the triplane holds no surface."""
+        r = self.vqvae.renderer
+        if self.vqvae.cfg.renderer_kind == "flexicubes":
+            v, f, c = r.extract_mesh(triplane)[0]
+            return v.cpu().numpy(), f.cpu().numpy(), np.round(c.cpu().numpy() * 255).astype(np.uint8)
+        return extract_mesh(r, triplane, resolution=resolution, progress=False)
+
+
+def load_tokenizer(source, decoder: str = "nerf", device="cpu") -> TriplaneVQVAE:
+    """Our VQVAE folder, or an official file converted on the fly, checked to decode with `decoder`."""
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"--vqvae: no checkpoint at {source}; pass the checkpoint folder or official file")
+    if source.is_file() and source.suffix != ".safetensors":
+        model = load_official("vqvae-flexicubes" if decoder == "flexicubes" else "vqvae", source)[0].to(device)
+    else:
+        model = load_vqvae(source, device)
+    if model.cfg.renderer_kind != decoder:
+        raise ValueError(f"--decoder {decoder}: the VQVAE {source} decodes with {model.cfg.renderer_kind}; "
+                         f"pass --decoder {model.cfg.renderer_kind} or a {decoder} VQVAE")
+    return model
+
+
+def load_generator(source, condition: str, device="cpu") -> NextScaleAR:
+    """Our generator folder, or an official file converted on the fly, checked to take `condition`."""
+    source = Path(source)
+    if source.is_file() and source.suffix != ".safetensors":
+        return load_official(f"ar-{condition}", source)[0].to(device)
+    model = load_ar(source, device)
+    if model.cfg.condition != condition:
+        raise ValueError(f"--ar {source}: a {model.cfg.condition}-conditioned generator cannot take a {condition} input")
+    return model
+
+
+class SAR3DPipeline(Decoder3D):
+    """Everything loaded once: the condition encoder, the generator and the VQVAE of one
+    condition kind ("text" or "image")."""
+
+    def __init__(self, condition: str, vqvae: TriplaneVQVAE, ar: NextScaleAR, encoder, device=None,
+                 names: tuple = ("the VQVAE", "the generator")):
+        check_pair(tokenizer_signature(vqvae.quantizer), vars(ar.cfg), *names)
+        want = {ar.cfg.pooled_dim} | ({ar.cfg.seq_dim} if ar.cfg.cross_attn != "none" else set())
+        if want != {encoder.dim}:
+            raise ValueError(f"the {condition} encoder gives {encoder.dim}-wide embeddings but the generator expects "
+                             f"{sorted(want)}: pass the encoder it was trained with (--{condition}-encoder)")
+        super().__init__(vqvae, device)
+        self.condition, self.ar, self.encoder = condition, ar, encoder
+        tokens, pooled = encoder.empty()
+        self.uncond = Condition(pooled=pooled, tokens=tokens)
+
+    @classmethod
+    def from_pretrained(cls, folder=None, condition: str = "text", *, vqvae=None, ar=None, encoder=None,
+                        decoder: str = "nerf", device=None) -> "SAR3DPipeline":
+        """The models of a pipeline folder (default: the embedded demo, checkpoints/demo); `vqvae`
+        and `ar` override its checkpoints (our folders or official files), `encoder` the
+        condition encoder the generator was trained with (models/conditioners.py sources)."""
+        if condition not in ("text", "image"):
+            raise ValueError(f"condition must be text or image, got {condition!r}")
+        if decoder not in ("nerf", "flexicubes"):
+            raise ValueError(f"--decoder {decoder!r}: use nerf or flexicubes")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        folder = Path(folder) if folder is not None else DEMO_DIR
+        vq_kind = "vqvae-flexicubes" if decoder == "flexicubes" else "vqvae"
+        vq_src = _checkpoint(folder, vq_kind.replace("-", "_"), FILE_NAMES[vq_kind], "--vqvae", vqvae)
+        ar_src = _checkpoint(folder, f"ar_{condition}", FILE_NAMES[f"ar-{condition}"], "--ar", ar)
+        vq_model = load_tokenizer(vq_src, decoder, device)
+        ar_model = load_generator(ar_src, condition, device)
+        names = (f"the VQVAE {vq_src}", f"the generator {ar_src}")
+        check_pair(tokenizer_signature(vq_model.quantizer), vars(ar_model.cfg), *names)   # before the encoder loads
+        enc = load_conditioner(condition, encoder or ar_model.cfg.encoder or None, device)
+        return cls(condition, vq_model, ar_model, enc, device, names)
+
+    @torch.no_grad()
+    def sample_tokens(self, x, num_samples: int = 1, seed: int = 0, sampling: SamplingConfig | None = None,
+                      times: dict | None = None) -> list:
+        """Token ids of num_samples objects for one input (a prompt, or an image (3, H, W) in
+        [0, 1]): per scale (num_samples·3, pn²). `times` receives the encode and sample seconds."""
+        s = sampling or SamplingConfig()
+        times = {} if times is None else times
+        t = time.perf_counter()
+        tokens, pooled = self.encoder.encode([x])
+        times["encode"] = time.perf_counter() - t
+        t = time.perf_counter()
+        cond = Condition(pooled=pooled.expand(num_samples, -1), tokens=tokens.expand(num_samples, -1, -1))
+        idx = self.ar.sample(self.vqvae.quantizer, cond, self.uncond, guidance=s.guidance, top_k=s.top_k,
+                             top_p=s.top_p, temperature=s.temperature, seed=seed)
+        times["sample"] = time.perf_counter() - t
+        return idx
+
+    def __call__(self, x, num_samples: int = 1, seed: int = 0, sampling: SamplingConfig | None = None, *,
+                 mesh_resolution: int = 128, frames: int = 24, render_resolution: int = 128,
+                 mesh: bool = True) -> list[Object3D]:
+        """Sample objects for one input: a prompt, an image (3, H, W) tensor in [0, 1], a PIL
+        image or an image path. Returns num_samples Object3D, each with its mesh (mesh=True) and
+        turntable of `frames` views (0: none); their times hold the whole batch's encode,
+        sample and decode seconds and the object's own mesh and render seconds."""
+        if isinstance(x, (str, Path)) and self.condition == "image":
+            x = load_image(x)
+        elif isinstance(x, Image.Image):
+            x = pil_to_tensor(x)
+        if self.condition == "text" and not (isinstance(x, str) and x.strip()):
+            raise ValueError("--prompt: empty prompt; describe the object, e.g. --prompt \"a red torus\"")
+        times: dict = {}
+        idx = self.sample_tokens(x.strip() if isinstance(x, str) else x, num_samples, seed, sampling, times)
+        t = time.perf_counter()
+        planes = self.triplanes(idx)
+        times["decode"] = time.perf_counter() - t
+        out = []
+        for k in range(num_samples):
+            obj = Object3D(tokens=object_sequence(idx, k).cpu().numpy().astype(np.int64),
+                           triplane=planes[k:k + 1], times=dict(times),
+                           image=x if self.condition == "image" else None)
+            t = time.perf_counter()
+            if mesh:
+                try:
+                    obj.mesh = self.mesh(obj.triplane, mesh_resolution)
+                except ValueError as e:        # an empty sample: no surface to mesh
+                    obj.mesh_error = str(e)
+            obj.times["mesh"] = time.perf_counter() - t
+            t = time.perf_counter()
+            if frames:
+                obj.frames = self.turntable(obj.triplane, frames, render_resolution)
+            obj.times["render"] = time.perf_counter() - t
+            out.append(obj)
+        return out
+
+
