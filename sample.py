@@ -13,11 +13,15 @@ is converted on the fly (scripts/convert_official.py does it once). The work is 
 pipelines.SAR3DPipeline; this file only reads the inputs and writes the outputs. Per object, in
 OUTPUT_DIR/<input name>_<sample>/: mesh.glb (--formats), turntable.mp4 and .gif, preview.png and
 tokens.npy (the token ids in generator order, int64 (3·Σpn²,)). One line of timings per object.
+A folder that exists is never written into: the next free name, <input name>_<sample>-1, -2, ...,
+is taken instead (inputs whose names differ only in punctuation, or a second run). The run holds
+OUTPUT_DIR/.lock while it writes.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
@@ -28,25 +32,50 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pipelines.sar3d import MESH_FORMATS, OFFICIAL_DIR, SamplingConfig, SAR3DPipeline, load_image  # noqa: E402
-from utils.cli import run  # noqa: E402
+from utils.cli import ArgumentParser, check_device, run  # noqa: E402
+from utils.lock import FolderLock  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_SAMPLES = 64                # objects per input in one run (each is a full decode, mesh and render)
+# Bounds of the output sizes: beyond them one object asks for gigabytes.
+LIMITS = {"frames": 360, "render_resolution": 1024, "mesh_resolution": 512}
+
+
+def check_text(text: str, where: str) -> str:
+    """A prompt that the tokenizer can take: UTF-8 encodable (a byte that is not UTF-8 reaches
+    Python as a lone surrogate), not empty. Returns it stripped."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = ord(text[e.start])
+        byte = f"the byte 0x{bad - 0xDC00:02x}" if 0xDC80 <= bad <= 0xDCFF else f"the code point U+{bad:04X}"
+        raise ValueError(f"{where}: not valid UTF-8 text ({byte} at character {e.start + 1}); "
+                         "write the prompt in UTF-8") from None
+    if not text.strip():
+        raise ValueError(f"{where}: empty prompt; describe the object, e.g. --prompt \"a red torus\"")
+    return text.strip()
 
 
 def read_prompts(path: Path) -> list[str]:
     """The official test_text.json ({"test_promts": [...]}, sic) or a plain JSON list of strings."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"--prompts {path}: not a readable JSON file ({e})") from None
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"--prompts {path}: cannot read the file ({e.strerror or type(e).__name__})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts {path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                         "save the file as UTF-8") from None
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"--prompts {path}: not valid JSON ({e})") from None
     if isinstance(data, dict):
         data = data.get("test_promts", data.get("test_prompts"))
     if not isinstance(data, list) or not data or not all(isinstance(p, str) for p in data):
         raise ValueError(f"--prompts {path}: expected a non-empty list of strings, or {{\"test_promts\": [...]}}")
-    for p in data:
-        if not p.strip():
-            raise ValueError(f"{path}: empty prompt; describe the object, e.g. \"a red torus\"")
-    return [p.strip() for p in data]
+    return [check_text(p, f"--prompts {path}: prompt {i + 1}") for i, p in enumerate(data)]
 
 
 def image_paths(path: Path) -> list[Path]:
@@ -64,14 +93,44 @@ def slug(text: str, limit: int = 48) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:limit] or "object"
 
 
+def new_folder(out_dir: Path, name: str) -> Path:
+    """Create and return out_dir/name, or name-1, name-2, ... when that exists (from another
+    input of this run or an earlier run): an existing folder is never written into."""
+    for n in range(100_000):
+        folder = out_dir / (name if n == 0 else f"{name}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise ValueError(f"--output-dir {out_dir}: cannot create {folder.name} there "
+                             f"({e.strerror or type(e).__name__}); "
+                             "pick a writable folder") from None
+    raise ValueError(f"--output-dir {out_dir}: {name} and 100000 numbered copies exist; pick another folder")
+
+
+def check_sampling(args) -> None:
+    """The sampling flags, before any model loads: finite, and in the ranges the sampler reads."""
+    if not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance {args.guidance}: must be a finite number (the official weight is 4)")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k {args.top_k}: must be 0 (no limit) or more")
+    if not 0.0 <= args.top_p <= 1.0:         # NaN fails too
+        raise ValueError(f"--top-p {args.top_p}: must be between 0 and 1 (0: no limit)")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise ValueError(f"--temperature {args.temperature}: must be a positive finite number (1: as trained)")
+
+
 def parse_args(argv=None):
     d = SamplingConfig()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one text prompt")
     src.add_argument("--prompts", type=Path, help="JSON: {\"test_promts\": [...]} (official) or a list of prompts")
     src.add_argument("--image", type=Path, help="an RGB(A) image, or a folder of them")
-    ap.add_argument("--num-samples", type=int, default=1, help="objects per prompt or image")
+    ap.add_argument("--num-samples", type=int, default=1,
+                    help=f"objects per prompt or image (at most {MAX_SAMPLES})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--guidance", "--cfg", type=float, default=d.guidance,
                     help=f"classifier-free guidance weight (official --cfg {d.guidance:g})")
@@ -102,6 +161,14 @@ def parse_args(argv=None):
     for name in ("num_samples", "frames", "render_resolution", "mesh_resolution"):
         if getattr(args, name) < (2 if name == "mesh_resolution" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.num_samples > MAX_SAMPLES:
+        raise ValueError(f"--num-samples {args.num_samples}: at most {MAX_SAMPLES} objects per input in one run; "
+                         "run again with another --seed for more")
+    for name, high in LIMITS.items():
+        if getattr(args, name) > high:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: at most {high}")
+    check_sampling(args)
+    args.device = check_device(args.device)
     return args
 
 
@@ -112,10 +179,21 @@ def main(argv=None) -> int:
         inputs, names = [load_image(p) for p in paths], [slug(p.stem) for p in paths]
     else:
         kind = "text"
-        if args.prompt is not None and not args.prompt.strip():
-            raise ValueError("--prompt: empty prompt; describe the object, e.g. --prompt \"a red torus\"")
-        inputs = [args.prompt.strip()] if args.prompt is not None else read_prompts(args.prompts)
+        inputs = [check_text(args.prompt, "--prompt")] if args.prompt is not None else read_prompts(args.prompts)
         names = [slug(p) for p in inputs]
+    try:
+        lock = FolderLock(args.output_dir, "sample.py").acquire()
+    except OSError as e:           # not a folder, or not writable
+        raise ValueError(f"--output-dir {args.output_dir}: cannot write there ({e.strerror or type(e).__name__}); "
+                         "pick a writable folder") from None
+    try:
+        return generate(args, kind, inputs, names)
+    finally:
+        lock.release()
+
+
+def generate(args, kind: str, inputs: list, names: list) -> int:
+    """Load the models, then sample, decode and write every input's objects."""
     t0 = time.perf_counter()
     pipe = SAR3DPipeline.from_pretrained(OFFICIAL_DIR if args.official else None, kind, vqvae=args.vqvae, ar=args.ar,
                                          encoder=getattr(args, f"{kind}_encoder"), decoder=args.decoder,
@@ -124,11 +202,16 @@ def main(argv=None) -> int:
     sampling = SamplingConfig(args.guidance, args.top_k, args.top_p, args.temperature)
     for i, (x, name) in enumerate(zip(inputs, names)):
         objects = pipe(x, args.num_samples, args.seed + i, sampling, mesh_resolution=args.mesh_resolution,
-                       frames=args.frames, render_resolution=args.render_resolution)
+                       frames=args.frames, render_resolution=args.render_resolution, video=not args.no_video)
         times: dict = {"write": 0.0}
         for k, obj in enumerate(objects):
             t = time.perf_counter()
-            out = obj.save(args.output_dir / f"{name}_{k}", args.formats, video=not args.no_video)
+            out = new_folder(args.output_dir, f"{name}_{k}")
+            try:
+                obj.save(out, args.formats, video=not args.no_video)
+            except OSError as e:
+                raise ValueError(f"--output-dir {args.output_dir}: writing {out.name} failed "
+                                 f"({e.strerror or type(e).__name__}); free space or pick another folder") from None
             times["write"] += time.perf_counter() - t
             if obj.mesh_error:
                 print(f"warning: {out}: no mesh ({obj.mesh_error})", file=sys.stderr)

@@ -20,6 +20,7 @@ background, as in the official loader, so the writer places background at dispar
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -191,14 +192,23 @@ def read_gbuffer_object(obj_dir) -> dict:
     }
 
 
-def read_precomputed(obj_dir, condition: str | None = None) -> dict:
+def read_precomputed(obj_dir, condition: str | None = None, vocab_size: int | None = None) -> dict:
     """Token ids, teacher-forcing input and (optionally) the condition embeddings of one object.
 
     condition: None, "image" (DINOv2: 'cond_tokens' (T, D), 'cond_pooled' (D,) from row 0) or
-    "text" (CLIP: 'cond_tokens' (77, D), 'cond_pooled' (D,)).
+    "text" (CLIP: 'cond_tokens' (77, D), 'cond_pooled' (D,)). The token ids must lie in
+    [0, vocab_size): the given one, else the one the dataset root records for the VQVAE that
+    wrote them (tokenizer.json, when there is one).
     """
     d = Path(obj_dir)
     gt = read_npy(d / TOKEN_FILES["gt_BL"], (None,), "iu")
+    if vocab_size is None:
+        vocab_size = recorded_vocab_size(d.parent)
+    if gt.size and (gt.min() < 0 or (vocab_size is not None and gt.max() >= vocab_size)):
+        bad = int(gt.min()) if gt.min() < 0 else int(gt.max())
+        limit = f"[0, {vocab_size})" if vocab_size is not None else "0 and up"
+        raise DatasetError(d / TOKEN_FILES["gt_BL"], f"token id {bad} is outside the vocabulary {limit}; the file "
+                           "is damaged or from another VQVAE: rerun scripts/precompute.py with --overwrite")
     x = read_npy(d / TOKEN_FILES["x_BLCv"], (None, None), "f")
     if gt.shape[0] < 4 or x.shape[0] != gt.shape[0] - 3:
         raise DatasetError(d / TOKEN_FILES["x_BLCv"], f"{x.shape[0]} rows for {gt.shape[0]} tokens, "
@@ -215,6 +225,21 @@ def read_precomputed(obj_dir, condition: str | None = None) -> dict:
     return out
 
 
+def recorded_vocab_size(folder) -> int | None:
+    """The vocabulary size in the tokenizer record (tokenizer.json, written by scripts/precompute.py)
+    of the dataset root that holds `folder`: the nearest of it and its parents (up to 4 levels)
+    with a dataset.json. None when there is no readable record (the official release has none)."""
+    for root in [Path(folder), *Path(folder).parents][:5]:
+        if (root / "dataset.json").is_file():
+            try:
+                record = json.loads((root / "tokenizer.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+            size = record.get("vocab_size") if isinstance(record, dict) else None
+            return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+    return None
+
+
 def load_index(root) -> dict:
     """dataset.json as {category: [relative dirs]}, validated."""
     path = Path(root) / "dataset.json"
@@ -227,7 +252,28 @@ def load_index(root) -> dict:
     if not isinstance(index, dict) or not all(isinstance(v, list) and all(isinstance(s, str) for s in v)
                                               for v in index.values()):
         raise DatasetError(path, "expected {category: [relative object dirs]}")
+    for category, rels in index.items():
+        for rel in rels:
+            confined(root, rel, path, category)
     return index
+
+
+def confined(root, rel: str, index_file=None, category=None) -> Path:
+    """root/rel, checked to be a folder inside root: an entry that is absolute, climbs out with
+    '..', names the root itself or holds a NUL is a DatasetError naming dataset.json and the
+    entry. The check is on the path as written (made absolute and normalised): folders that the
+    dataset links in from elsewhere with symlinks inside the root stay usable."""
+    index_file = index_file or Path(root) / "dataset.json"
+    top = os.path.abspath(root)
+    bad = "\0" in rel or not rel.strip() or os.path.isabs(rel)
+    if not bad:
+        full = os.path.normpath(os.path.join(top, rel))
+        bad = full == top or os.path.commonpath([top, full]) != top
+    if bad:
+        where = f" of '{category}'" if category is not None else ""
+        raise DatasetError(index_file, f"entry {rel!r}{where} is not a folder inside the dataset root; entries are "
+                           "object folders relative to the root, without '..' or a leading '/': fix the entry")
+    return Path(root) / rel
 
 
 def dino_view(obj_dir) -> int:

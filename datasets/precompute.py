@@ -20,7 +20,8 @@ import torch
 from tqdm import tqdm
 
 from datasets.errors import DatasetError
-from datasets.gbuffer import CONDITION_FILES, EMPTY_FILES, TOKEN_FILES, GBufferDataset, dino_view, read_text
+from datasets.gbuffer import (CONDITION_FILES, EMPTY_FILES, TOKEN_FILES, GBufferDataset, confined, dino_view,
+                              read_text)
 from models.conditioners import load_conditioner
 from models.inputs import encoder_views, input_view_sets
 from models.layout import check_pair, planes_to_sequence, tokenizer_signature
@@ -78,7 +79,7 @@ class Pending(torch.utils.data.Dataset):
 
     def __getitem__(self, j):
         i, needs = self.jobs[j]
-        d = self.dataset.root / self.dataset.items[i][0]
+        d = confined(self.dataset.root, self.dataset.items[i][0])      # never a folder outside the root
         out = {"dir": d, "needs": needs}
         if needs & {"tokens", "image"}:
             sample = self.dataset[i]
@@ -98,7 +99,7 @@ def find_jobs(dataset: GBufferDataset, wanted: set, overwrite: bool) -> list:
     """[(dataset index, set of outputs to write)] for the objects that miss any."""
     jobs = []
     for i, (rel, _) in enumerate(dataset.items):
-        d = dataset.root / rel
+        d = confined(dataset.root, rel)
         needs = {k for k in wanted if overwrite or not all((d / f).is_file() for f in OUTPUT_FILES[k])}
         if needs:
             jobs.append((i, needs))

@@ -1,4 +1,4 @@
-"""PatchGAN discriminator and hinge losses of the VQVAE's adversarial term (spec §2.7)."""
+"""PatchGAN discriminator and hinge losses of the VQVAE's adversarial term."""
 from __future__ import annotations
 
 import torch

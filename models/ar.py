@@ -1,4 +1,4 @@
-"""The next-scale autoregressive generator (spec §2.8-2.10): one model for image, text, class
+"""The next-scale autoregressive generator: one model for image, text, class
 and unconditional generation over the triplane token pyramid.
 
 Sequence layout (L = 3·Σ pn² tokens): scales from coarse to fine, each scale as
@@ -141,7 +141,7 @@ class NextScaleAR(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """The official initialisation (spec §2.8)."""
+        """The official initialisation."""
         cfg, C = self.cfg, self.cfg.width
         std = (1 / C / 3) ** 0.5
         for m in self.modules():

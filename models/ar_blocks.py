@@ -1,4 +1,4 @@
-"""Transformer blocks of the autoregressive generator (spec §2.8), with the official parameter
+"""Transformer blocks of the autoregressive generator, with the official parameter
 names so that converted checkpoints load strictly.
 
 Attention is ℓ2-normalised: q and k are unit vectors per head, q is multiplied by a learnable

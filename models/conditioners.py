@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import pickle
 import re
 import socket
 from pathlib import Path
@@ -271,6 +272,9 @@ class MobileNetImageConditioner(Conditioner):
                 state = torch.load(path, map_location="cpu", weights_only=True)
             model = MobileNetV2()
             model.load_state_dict(state, strict=True)
+        except pickle.UnpicklingError:  # objects other than tensors: never unpickled
+            raise EncoderUnavailable(f"cannot load the MobileNetV2 image encoder: {_pickle_refused(path)}; "
+                                     "or pass --image-encoder mobilenet_v2 for the packaged weights") from None
         except Exception as e:  # a truncated or foreign file: whatever the reader raised
             raise EncoderUnavailable(f"cannot load the MobileNetV2 image encoder from {path}: {_first_line(e)}; "
                                      f"{fix}") from None
@@ -348,6 +352,13 @@ def _packaged(source: str) -> str:
     return str(mod.get_model_path()) if hasattr(mod, "get_model_path") else str(Path(mod.__file__).parent)
 
 
+def _pickle_refused(file) -> str:
+    """Why a pickled weights file that holds objects other than tensors is not loaded, and what to do."""
+    return (f"{file} is a pickle that holds objects other than tensors, and it is not loaded because unpickling "
+            "can run any code; convert the weights to safetensors (model.safetensors) where the file comes "
+            "from and pass that")
+
+
 def _first_line(e: BaseException) -> str:
     lines = [l for l in str(e).splitlines() if l.strip()]
     return lines[0] if lines else type(e).__name__
@@ -377,6 +388,9 @@ def _from_pretrained(load: Callable, source: str, what: str, flag: str, default_
     if path.is_dir():
         try:
             return load(str(path), True)
+        except pickle.UnpicklingError:          # a pytorch_model.bin that holds more than tensors
+            weights = next(path.glob("*.bin"), path / "pytorch_model.bin")
+            raise EncoderUnavailable(f"cannot load the {what} from {path}: {_pickle_refused(weights)}") from None
         except (OSError, ValueError) as e:
             raise EncoderUnavailable(f"cannot load the {what} from {path}: {_first_line(e)}; the directory must "
                                      f"hold a save_pretrained() copy of the model; {fix}") from None
@@ -385,11 +399,15 @@ def _from_pretrained(load: Callable, source: str, what: str, flag: str, default_
                                  else f"cannot load the {what}: no directory {path}; {fix}")
     try:
         return load(source, True)
+    except pickle.UnpicklingError:
+        raise EncoderUnavailable(f"cannot load the {what} '{source}': {_pickle_refused('its weights file')}") from None
     except (OSError, ValueError):
         pass                            # not in the local cache: try the hub
     if not _hub_reachable():
         raise EncoderUnavailable(f"cannot load the {what} '{source}': no local copy and the hub is unreachable; {fix}")
     try:
         return load(source, False)
+    except pickle.UnpicklingError:
+        raise EncoderUnavailable(f"cannot load the {what} '{source}': {_pickle_refused('its weights file')}") from None
     except (OSError, ValueError) as e:
         raise EncoderUnavailable(f"cannot load the {what} '{source}' from the hub: {_first_line(e)}; {fix}") from None

@@ -1,7 +1,7 @@
 """The multi-view encoder of the SAR3D VQVAE: V posed views of an object → one triplane latent.
 
 Each view (RGB ImageNet-normalised, Plücker rays [o × d, d], raw depth; see
-`datasets.gbuffer.encoder_input`) goes through an LDM-style convolutional down path. In the
+`models.inputs.encoder_input`) goes through an LDM-style convolutional down path. In the
 middle, one transformer block lets the views talk to each other: its first self-attention runs
 over the tokens of all V views of an object at once, its second within each view. The V
 per-view maps are then concatenated on channels, in view order, and fused by a 3×3 conv into

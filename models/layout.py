@@ -89,7 +89,8 @@ def tokenizer_signature(quantizer) -> dict:
             "c_vae": int(quantizer.c_vae), "fingerprint": h.hexdigest()[:16]}
 
 
-def check_pair(tokenizer: dict, generator: dict, tokenizer_name: str, generator_name: str) -> None:
+def check_pair(tokenizer: dict, generator: dict, tokenizer_name: str, generator_name: str,
+               hint: str = "pass the VQVAE whose tokens it was trained on") -> None:
     """Raise one ValueError naming both when `generator` (a generator config with patch_nums,
     vocab_size, c_vae and optionally tokenizer, the signature of the tokenizer it was trained on)
     does not fit `tokenizer` (a tokenizer_signature). A missing fingerprint on either side
@@ -100,8 +101,8 @@ def check_pair(tokenizer: dict, generator: dict, tokenizer_name: str, generator_
             a, b = list(a), list(b)
         if a != b:
             raise ValueError(f"{generator_name} does not fit {tokenizer_name}: {key} {b} in the generator, "
-                             f"{a} in the tokenizer; pass the VQVAE whose tokens it was trained on")
+                             f"{a} in the tokenizer; {hint}")
     want, have = (generator.get("tokenizer") or ""), tokenizer.get("fingerprint") or ""
     if want and have and want != have:
         raise ValueError(f"{generator_name} was trained on the tokens of another VQVAE than {tokenizer_name} "
-                         f"(tokenizer fingerprint {want}, this VQVAE's {have}); pass the VQVAE it was trained on")
+                         f"(tokenizer fingerprint {want}, this VQVAE's {have}); {hint}")

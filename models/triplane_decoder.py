@@ -1,4 +1,4 @@
-"""The VQVAE decoder: quantized latent planes -> triplane (spec §2.4).
+"""The VQVAE decoder: quantized latent planes -> triplane.
 
     f_hat (B·3, 8, 16, 16) per plane, as the quantizer returns it
       -> post_quant_conv (per plane)                  -> (B, 24, 16, 16)   plane p = channels 8p..8p+7
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from models.ldm_blocks import AttnBlock, ResnetBlock, Upsample, group_norm
 
-from models.layout import NUM_PLANES
+from models.layout import NUM_PLANES, merge_planes
 
 
 def official_to_ours(key: str) -> str | None:
@@ -239,18 +239,12 @@ class TriplaneDecoder(nn.Module):
         self.vit_decoder = DiTDecoder(cfg)
         self.conv_sr = ConvUpsampler(cfg)
 
-    def load_official(self, state: dict, strict: bool = True):
-        """Load official VQVAE keys (`decoder.…`), ignoring those that are not ours."""
-        mapped = {official_to_ours(k): v for k, v in state.items() if official_to_ours(k) is not None}
-        return self.load_state_dict(mapped, strict=strict)
-
     def stages(self, f_hat_BPChw: torch.Tensor) -> dict:
         """Every intermediate: post_quant_conv (B, 3·Cvae, s, s), ldm_upsample and dit_out
         (B, 3·s², hidden), triplane (B, 3·triplane_channels, R, R), all float32."""
         dtype = getattr(torch, self.cfg.compute_dtype)
-        BP, _, s, _ = f_hat_BPChw.shape
         with torch.autocast(f_hat_BPChw.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            f_BChw = self.post_quant_conv(f_hat_BPChw).reshape(BP // NUM_PLANES, -1, s, s)
+            f_BChw = merge_planes(self.post_quant_conv(f_hat_BPChw))
             tokens_BLC = self.ldm_upsample(f_BChw)
             x_BLC = self.vit_decoder(tokens_BLC)
         triplane = self.tokens_to_triplane(x_BLC.float())

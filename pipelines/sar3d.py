@@ -13,19 +13,23 @@ the official release is another.
 """
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from models.ar import Condition, NextScaleAR, load_ar
 from models.conditioners import load_conditioner, pil_to_tensor
 from models.layout import check_pair, object_sequence, tokenizer_signature
 from models.official import FILE_NAMES, load_official
 from models.vqvae import TriplaneVQVAE, load_vqvae
+from renderers.mesh_render import ColoredMesh, render_views
 from renderers.nerf_mesh import MESH_FORMATS, extract_mesh, write_mesh
 from utils.cameras import normalized_intrinsics, orbit_c2w, pack_cameras
 from utils.media import to_uint8, write_gif, write_grid, write_mp4
@@ -48,8 +52,9 @@ class SamplingConfig:
 class Object3D:
     """One sampled object. tokens: (3·Σpn²,) int64 in generator order; triplane (1, 3·C, R, R);
     mesh: (vertices (N, 3) world units, faces (F, 3), colours (N, 3) uint8), or None with the
-    reason in mesh_error; frames: the turntable (N, R, R, 3) uint8 from azimuth 0; times: seconds
-    per stage; image: the conditioning image (3, S, S) for image input."""
+    reason in mesh_error; frames: the turntable (N, R, R, 3) uint8 from azimuth 0, or only the
+    views preview.png shows (preview_indices) when the pipeline ran with video=False; times:
+    seconds per stage; image: the conditioning image (3, S, S) for image input."""
     tokens: np.ndarray
     triplane: torch.Tensor
     mesh: tuple | None = None
@@ -58,9 +63,16 @@ class Object3D:
     times: dict = field(default_factory=dict)
     image: torch.Tensor | None = None
 
+    @staticmethod
+    def preview_indices(frames: int) -> list[int]:
+        """The frames of a `frames`-view turntable that preview.png shows: up to 8, evenly spaced
+        from frame 0 (every frames // 8-th)."""
+        return list(range(0, frames, max(1, frames // 8)))[:8]
+
     def save(self, folder, formats=(".glb",), video: bool = True) -> Path:
-        """Write tokens.npy, mesh.<format> for each of `formats`, preview.png (up to 8 turntable
-        views), turntable.mp4 and .gif (video), and input.png for image input. Returns the folder."""
+        """Write tokens.npy, mesh.<format> for each of `formats` (.glb +y up, .obj/.ply +z up:
+        renderers.nerf_mesh.write_mesh), preview.png (up to 8 turntable views), turntable.mp4 and
+        .gif of all `frames` (video), and input.png for image input. Returns the folder."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         np.save(folder / "tokens.npy", self.tokens)
@@ -68,8 +80,7 @@ class Object3D:
             for fmt in formats:
                 write_mesh(folder / f"mesh{fmt}", *self.mesh)
         if self.frames is not None:
-            n = len(self.frames)
-            write_grid(folder / "preview.png", self.frames[::max(1, n // 8)][:8], cols=4)
+            write_grid(folder / "preview.png", self.frames[self.preview_indices(len(self.frames))], cols=4)
             if video:
                 write_mp4(folder / "turntable.mp4", self.frames)
                 write_gif(folder / "turntable.gif", self.frames)
@@ -78,15 +89,29 @@ class Object3D:
         return folder
 
 
-def load_image(path) -> torch.Tensor:
+def load_image(path, max_side: int = 4096) -> torch.Tensor:
     """An RGB(A) file -> (3, S, S) in [0, 1]: transparency composited on white, then padded to a
-    square on white (the official test-time preprocessing)."""
+    square on white (the official test-time preprocessing). Images over `max_side` pixels on a
+    side are refused from their header, before anything is decoded."""
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():     # PIL warns about large images: refused below instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError:
+        raise ValueError(f"--image {path}: over {Image.MAX_IMAGE_PIXELS // 500_000} Mpixel, too large to decode; "
+                         f"downscale it to at most {max_side} pixels a side") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+        raise ValueError(f"--image {path}: not a readable image file") from None
+    with im:
+        w, h = im.size
+        if max(w, h) > max_side:
+            raise ValueError(f"--image {path}: {w}x{h} pixels is too large (at most {max_side} pixels a side); "
+                             "downscale it")
+        try:
             im.load()
             x = pil_to_tensor(im)
-    except (OSError, UnidentifiedImageError, ValueError):
-        raise ValueError(f"--image {path}: not a readable image file") from None
+        except (OSError, ValueError, SyntaxError, EOFError):
+            raise ValueError(f"--image {path}: not a readable image file") from None
     _, h, w = x.shape
     if min(h, w) < 8:
         raise ValueError(f"--image {path}: {w}x{h} pixels is too small (at least 8x8)")
@@ -125,17 +150,46 @@ class Decoder3D:
 
     @torch.no_grad()
     def views(self, triplane: torch.Tensor, azimuths, resolution: int, elevation: float = 20.0,
-              radius: float = 2.0) -> np.ndarray:
-        """(len(azimuths), R, R, 3) uint8 views around the +z axis at these azimuths (degrees)."""
+              radius: float = 2.0, *, mesh: tuple | None = None, source: str = "auto",
+              progress: bool | None = False) -> np.ndarray:
+        """(len(azimuths), R, R, 3) uint8 views on white, R = resolution, around the +z axis at
+        these azimuths (degrees from +x towards +y), from `radius` world units at `elevation`
+        degrees, through the official 39.6 degree field of view (utils/cameras.py).
+
+        source: "field" volume-renders the triplane (vqvae.render, deterministic samples);
+        "mesh" rasterises `mesh` (vertices (N, 3) world units, faces (F, 3), colours (N, 3) uint8
+        or in [0, 1], as `mesh` returns it) with its colours unlit and 3x3 supersampling: the
+        colours of a triplane's mesh already hold the lighting its volume render shows, and on a
+        CPU this is 10-30x faster (scripts/bench_render.py); "auto": the mesh when it has faces,
+        else the field.
+        progress: a tqdm bar over the views (None: on a terminal)."""
+        if source not in ("auto", "mesh", "field"):
+            raise ValueError(f"unknown render source {source!r}: use auto, mesh or field")
+        has_mesh = mesh is not None and len(mesh[1]) > 0
+        if source == "mesh" and not has_mesh:
+            raise ValueError("source='mesh' needs a mesh with faces: (vertices, faces, colours)")
         c2w = np.stack([orbit_c2w(float(a), elevation, radius) for a in azimuths])
-        cams = torch.from_numpy(pack_cameras(c2w, normalized_intrinsics())).float().to(self.device)
+        cams = pack_cameras(c2w, normalized_intrinsics())
+        if has_mesh and source != "field":
+            v, f, c = (np.asarray(a) for a in mesh)
+            c = c / 255.0 if c.dtype == np.uint8 else c
+            rgb = render_views(ColoredMesh(v.astype(np.float32), f.astype(np.int64), c.astype(np.float32)), cams,
+                               resolution, ssaa=3, device=str(self.device), shading="unlit", progress=progress,
+                               threads=1)["rgb"]
+            return np.round(np.clip(rgb, 0.0, 1.0) * 255).astype(np.uint8)
+        cams = torch.from_numpy(cams).float().to(self.device)
         images = [self.vqvae.render(triplane, c[None], resolution=resolution, deterministic=True)["image_raw"]
-                  for c in cams]
+                  for c in tqdm(cams, desc="render", unit="view", disable=None if progress is None else not progress)]
         return to_uint8((torch.cat(images) + 1) / 2)
 
-    def turntable(self, triplane: torch.Tensor, frames: int, resolution: int) -> np.ndarray:
-        """`frames` views 360/frames degrees apart, from azimuth 0."""
-        return self.views(triplane, [360.0 * f / frames for f in range(frames)], resolution)
+    def turntable(self, triplane: torch.Tensor, frames: int, resolution: int, *, mesh: tuple | None = None,
+                  source: str = "auto", indices=None, progress: bool | None = False) -> np.ndarray:
+        """Views of a turntable of `frames` views 360/frames degrees apart from azimuth 0, at
+        20 degrees elevation: (len(indices), R, R, 3) uint8, the frames `indices` of it (default
+        all of them, in order). mesh, source, progress: as in `views`."""
+        picked = range(frames) if indices is None else indices
+        return self.views(triplane, [360.0 * f / frames for f in picked], resolution, mesh=mesh, source=source,
+                          progress=progress)
 
     def mesh(self, triplane: torch.Tensor, resolution: int):
         """-> vertices (N, 3) world units, faces (F, 3), colours (N, 3) uint8. ValueError when
@@ -230,17 +284,42 @@ class SAR3DPipeline(Decoder3D):
 
     def __call__(self, x, num_samples: int = 1, seed: int = 0, sampling: SamplingConfig | None = None, *,
                  mesh_resolution: int = 128, frames: int = 24, render_resolution: int = 128,
-                 mesh: bool = True) -> list[Object3D]:
+                 mesh: bool = True, video: bool = True, render_source: str = "auto",
+                 progress: bool | None = None) -> list[Object3D]:
         """Sample objects for one input: a prompt, an image (3, H, W) tensor in [0, 1], a PIL
         image or an image path. Returns num_samples Object3D, each with its mesh (mesh=True) and
-        turntable of `frames` views (0: none); their times hold the whole batch's encode,
-        sample and decode seconds and the object's own mesh and render seconds."""
+        turntable of `frames` views (0: none), or with video=False only the up to 8 of them that
+        preview.png shows; their times hold the whole batch's encode, sample and decode seconds
+        and the object's own mesh and render seconds. render_source: "auto" (the mesh when there
+        is one, else the field), "mesh" or "field" (Decoder3D.views); progress: a tqdm bar over
+        the rendered views (None: on a terminal)."""
         if isinstance(x, (str, Path)) and self.condition == "image":
             x = load_image(x)
         elif isinstance(x, Image.Image):
+            if max(x.size) > 4096:
+                raise ValueError(f"image of {x.size[0]}x{x.size[1]} pixels: at most 4096 pixels a side; downscale it")
             x = pil_to_tensor(x)
         if self.condition == "text" and not (isinstance(x, str) and x.strip()):
             raise ValueError("--prompt: empty prompt; describe the object, e.g. --prompt \"a red torus\"")
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"--prompt: not valid UTF-8 text (character {e.start + 1}); write the prompt in "
+                                 "UTF-8") from None
+        if self.condition == "image" and not (isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[0] == 3):
+            raise ValueError("image input: pass an image file, a PIL image or a (3, H, W) tensor in [0, 1]")
+        if not (isinstance(num_samples, int) and 1 <= num_samples <= 64):
+            raise ValueError(f"num_samples {num_samples!r}: between 1 and 64 objects per call")
+        s = sampling or SamplingConfig()
+        if not math.isfinite(s.guidance):
+            raise ValueError(f"guidance (--cfg) {s.guidance}: must be a finite number")
+        if not (isinstance(s.top_k, int) and s.top_k >= 0):
+            raise ValueError(f"top_k {s.top_k!r}: must be 0 (no limit) or more")
+        if not 0.0 <= s.top_p <= 1.0:
+            raise ValueError(f"top_p {s.top_p}: must be between 0 and 1 (0: no limit)")
+        if not (math.isfinite(s.temperature) and s.temperature > 0):
+            raise ValueError(f"temperature {s.temperature}: must be a positive finite number")
         times: dict = {}
         idx = self.sample_tokens(x.strip() if isinstance(x, str) else x, num_samples, seed, sampling, times)
         t = time.perf_counter()
@@ -259,8 +338,10 @@ class SAR3DPipeline(Decoder3D):
                     obj.mesh_error = str(e)
             obj.times["mesh"] = time.perf_counter() - t
             t = time.perf_counter()
-            if frames:
-                obj.frames = self.turntable(obj.triplane, frames, render_resolution)
+            if frames:                         # without a video, only the views preview.png shows
+                obj.frames = self.turntable(obj.triplane, frames, render_resolution, mesh=obj.mesh,
+                                            source=render_source, progress=progress,
+                                            indices=None if video else Object3D.preview_indices(frames))
             obj.times["render"] = time.perf_counter() - t
             out.append(obj)
         return out

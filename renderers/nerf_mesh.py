@@ -25,6 +25,9 @@ from renderers.nerf import NeRFRenderer
 OFFICIAL_SIGMA = 10.0                                                # the official export's raw-sigma level
 OFFICIAL_DENSITY_THRESHOLD = math.log1p(math.exp(OFFICIAL_SIGMA - 1.0))   # softplus(10 - 1) ~ 9.0001
 MESH_FORMATS = (".glb", ".obj", ".ply")
+# Our world is +z up; glTF's is +y up (glTF 2.0, "Coordinate System and Units"): a rotation of
+# -90 degrees about x, (x, y, z) -> (x, z, -y), as a matrix applied to column vectors.
+ZUP_TO_GLTF = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
 
 
 def grid_to_world(index, resolution: int, box_side: float) -> np.ndarray:
@@ -103,11 +106,18 @@ def extract_mesh(renderer: NeRFRenderer, planes: torch.Tensor, resolution: int =
     return verts, faces.astype(np.int64), np.round(np.clip(rgb, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def write_mesh(path, verts: np.ndarray, faces: np.ndarray, colours: np.ndarray) -> Path:
+def write_mesh(path, verts: np.ndarray, faces: np.ndarray, colours: np.ndarray,
+               normals: np.ndarray | None = None) -> Path:
     """Write a vertex-coloured mesh; the format follows the suffix (.glb, .obj or .ply).
 
-    verts (N, 3) world units, faces (F, 3) vertex indices, colours (N, 3) uint8 or float in
-    [0, 1]. Coordinates are written as they are (world +z up, as the G-buffer cameras)."""
+    verts (N, 3) world units (+z up, as the G-buffer cameras), faces (F, 3) vertex indices,
+    colours (N, 3) uint8 or float in [0, 1], normals (N, 3) unit vertex normals or None (then
+    none are written).
+
+    Frames: .glb follows glTF, whose +y is up, so that viewers show objects upright: vertices and
+    normals are rotated by ZUP_TO_GLTF, (x, y, z) -> (x, z, -y) (a proper rotation, so windings
+    stay outward), and the file has no node transform. .obj and .ply keep our world frame, +z up,
+    as they are written unrotated (these formats define no up axis)."""
     import trimesh  # only exporting needs it
 
     path = Path(path)
@@ -119,7 +129,15 @@ def write_mesh(path, verts: np.ndarray, faces: np.ndarray, colours: np.ndarray) 
     if colours.dtype != np.uint8:
         colours = np.round(np.clip(colours, 0.0, 1.0) * 255).astype(np.uint8)
     rgba = np.concatenate([colours, np.full((len(colours), 1), 255, np.uint8)], 1)
-    mesh = trimesh.Trimesh(vertices=np.asarray(verts), faces=np.asarray(faces), vertex_colors=rgba, process=False)
+    verts = np.asarray(verts)
+    if normals is not None and np.shape(normals) != verts.shape:
+        raise ValueError(f"{path}: normals have shape {np.shape(normals)}, expected {verts.shape}")
+    if path.suffix.lower() == ".glb":
+        rotate = ZUP_TO_GLTF.T.astype(verts.dtype if verts.dtype.kind == "f" else np.float64)
+        verts = verts @ rotate
+        normals = None if normals is None else np.asarray(normals) @ rotate
+    mesh = trimesh.Trimesh(vertices=verts, faces=np.asarray(faces), vertex_colors=rgba,
+                           vertex_normals=normals, process=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     mesh.export(path)
     return path

@@ -5,7 +5,7 @@
 
 For each object and each of its two encoder view sets (views 0-5 and 6-11, thinned to the
 model's num_views), the views are resized to the encoder's input size as in training
-(datasets.gbuffer.encoder_views), encoded, quantised and decoded to a triplane, which is
+(models.inputs.encoder_views), encoded, quantised and decoded to a triplane, which is
 rendered deterministically from all 12 cameras at --resolution and compared with the dataset's
 targets at that resolution (GBufferDataset(resolution=...)): PSNR and SSIM of the RGB on white,
 IoU of the masks (rendered opacity > 0.5 vs GT alpha > 0.5), the mean absolute depth error, and
@@ -46,7 +46,8 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from datasets.gbuffer import GBufferDataset, encoder_views, input_view_sets  # noqa: E402
+from datasets.gbuffer import GBufferDataset  # noqa: E402
+from models.inputs import encoder_views, input_view_sets  # noqa: E402
 from models.vqvae import TriplaneVQVAE, load_vqvae  # noqa: E402
 from renderers.nerf import camera_rays  # noqa: E402
 from utils.cameras import unpack_cameras  # noqa: E402

@@ -25,7 +25,7 @@ gt_BL has 3·Σpn² ids, x_BLCv one row per token of scales 1.. (3·(Σpn² − 
 files are written with --image-encoder, the text files with --text-encoder (a flag alone means
 the official model, facebook/dinov2-large or openai/clip-vit-large-patch14). Views whose size
 differs from the VQVAE's encoder input are resized as in VQVAE training
-(datasets.gbuffer.encoder_views).
+(models.inputs.encoder_views).
 
 Resumable: an object keeps the files it already has unless --overwrite, and each file is
 written under a temporary name, then renamed. The dataset root records which VQVAE wrote the

@@ -13,7 +13,7 @@ OUT=${OUT:-checkpoints/demo}
 VQVAE_STEPS=${VQVAE_STEPS:-5000}
 DECODER_STEPS=${DECODER_STEPS:-3000}
 
-resume() { if [ -f "$1/train_state/state.json" ]; then echo --resume; fi; }
+resume() { if compgen -G "$1/train_state*/state.json" > /dev/null; then echo --resume; fi; }
 
 python scripts/make_shapes.py --out "$DATA" --num 600 --res 64 --seed 0
 python train_vqvae.py --config configs/vqvae/small.yaml --data-dir "$DATA" --out-dir "$RUNS/vqvae" \

@@ -88,7 +88,7 @@ def test_depth2_image_model_reproduces_official_reference():
 # ---- model behaviour -------------------------------------------------------------------------
 
 def test_text_block_order_is_self_cross_ffn():
-    """The text block, recomposed by hand from its parts in the spec's order, gives its output exactly."""
+    """The text block, recomposed by hand from its parts in the official order, gives its output exactly."""
     model = tiny("text").eval()
     b = model.blocks[0]
     x = torch.randn(2, 9, 32)

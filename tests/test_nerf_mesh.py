@@ -7,8 +7,8 @@ import torch
 import trimesh
 
 from renderers.nerf import NeRFConfig, NeRFRenderer
-from renderers.nerf_mesh import (OFFICIAL_DENSITY_THRESHOLD, density_grid, extract_mesh, grid_to_world,
-                                 write_mesh)
+from renderers.nerf_mesh import (OFFICIAL_DENSITY_THRESHOLD, ZUP_TO_GLTF, density_grid, extract_mesh,
+                                 grid_to_world, write_mesh)
 
 CENTRE = (0.1, -0.05, 0.08)     # off-centre so that a swapped or flipped axis moves the mesh
 RADIUS = 0.3
@@ -135,7 +135,8 @@ def test_write_mesh_round_trip(tmp_path, suffix):
     colours = np.random.default_rng(0).integers(0, 256, (len(box.vertices), 3)).astype(np.uint8)
     path = write_mesh(tmp_path / f"m{suffix}", box.vertices, box.faces, colours)
     back = trimesh.load(path, force="mesh", process=False)
-    np.testing.assert_allclose(back.vertices, box.vertices, atol=1e-6)
+    expected = box.vertices @ ZUP_TO_GLTF.T if suffix == ".glb" else box.vertices   # glTF is +y up
+    np.testing.assert_allclose(back.vertices, expected, atol=1e-6)
     np.testing.assert_array_equal(back.visual.vertex_colors[:, :3], colours)
     # Float colours in [0, 1] are accepted too.
     write_mesh(tmp_path / f"f{suffix}", box.vertices, box.faces, colours / 255.0)
@@ -147,3 +148,45 @@ def test_write_mesh_unknown_suffix(tmp_path):
     box = trimesh.creation.box()
     with pytest.raises(ValueError, match=r"m\.stl: unknown mesh format"):
         write_mesh(tmp_path / "m.stl", box.vertices, box.faces, np.zeros((8, 3), np.uint8))
+
+
+def _glb_json(path) -> dict:
+    """The JSON chunk of a binary glTF: 12-byte header, then chunk length, chunk type, JSON."""
+    import json
+    import struct
+    data = path.read_bytes()
+    length, kind = struct.unpack_from("<II", data, 12)
+    assert data[:4] == b"glTF" and kind == 0x4E4F534A          # "JSON"
+    return json.loads(data[20:20 + length])
+
+
+def test_glb_is_written_y_up_and_obj_ply_z_up(tmp_path):
+    """A tall thin box standing on the ground of our +z-up world (x 0.1, y 0.2, z 0.8 wide, z from
+    0 to 0.8) stands along +y in the GLB (glTF is +y up, no node transform) and along +z in OBJ/PLY."""
+    box = trimesh.creation.box(extents=(0.1, 0.2, 0.8))
+    verts = box.vertices + [0.0, 0.0, 0.4]
+    normals = np.asarray(box.vertex_normals)
+    colours = np.full((len(verts), 3), 200, np.uint8)
+    for suffix in (".glb", ".obj", ".ply"):
+        path = write_mesh(tmp_path / f"tall{suffix}", verts, box.faces, colours, normals=normals)
+        loaded = trimesh.load(path, process=False)
+        if suffix == ".glb":
+            assert len(loaded.geometry) == 1
+            raw = next(iter(loaded.geometry.values()))        # the geometry's own vertices, no scene graph
+            lo, hi = raw.bounds
+            np.testing.assert_allclose(lo, [-0.05, 0.0, -0.1], atol=1e-6)    # z -> y, y -> -z
+            np.testing.assert_allclose(hi, [0.05, 0.8, 0.1], atol=1e-6)
+            np.testing.assert_allclose(raw.vertex_normals, normals @ ZUP_TO_GLTF.T, atol=1e-6)
+            gltf = _glb_json(path)
+            assert not any({"matrix", "rotation", "translation", "scale"} & set(n) for n in gltf["nodes"])
+            position = gltf["accessors"][gltf["meshes"][0]["primitives"][0]["attributes"]["POSITION"]]
+            np.testing.assert_allclose(position["max"], [0.05, 0.8, 0.1], atol=1e-6)
+            mesh = raw
+        else:
+            mesh = loaded
+            lo, hi = mesh.bounds
+            np.testing.assert_allclose(lo, [-0.05, -0.1, 0.0], atol=1e-6)
+            np.testing.assert_allclose(hi, [0.05, 0.1, 0.8], atol=1e-6)
+        assert mesh.volume == pytest.approx(0.1 * 0.2 * 0.8)       # a rotation: windings stay outward
+    with pytest.raises(ValueError, match="normals have shape"):
+        write_mesh(tmp_path / "bad.glb", verts, box.faces, colours, normals=normals[:3])

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from datasets.errors import DatasetError
-from datasets.gbuffer import (CONDITION_FILES, TOKEN_FILES, GBufferDataset, decode_depth, encode_depth_alpha,
-                              encoder_input)
+from datasets.gbuffer import CONDITION_FILES, TOKEN_FILES, GBufferDataset, decode_depth, encode_depth_alpha
 from datasets.occupancy import OccupancyDataset, read_points, write_points
+from models.inputs import encoder_input
 from utils.cameras import plucker_rays
 
 

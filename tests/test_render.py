@@ -93,3 +93,25 @@ def test_nvdiffrast_matches_torch_backend():
     same = ref.mask & out.mask.cpu()
     assert (ref.mask != out.mask.cpu()).float().mean() < 0.01
     assert (ref.depth[same] - out.depth.cpu()[same]).abs().max() < 1e-4
+
+
+def test_unlit_render_keeps_vertex_colours_and_thread_setting(capsys):
+    """shading="unlit" draws the vertex colours as they are (a triplane's mesh has its lighting
+    baked in); `threads` holds only while rendering; progress=True shows a bar over the views."""
+    v, f = _icosphere(0.3, 3)
+    colour = np.array([0.7, 0.3, 0.1], np.float32)
+    cams = pack_cameras(np.stack([orbit_c2w(a, 20, 2.0) for a in (0, 120, 240)]), normalized_intrinsics())
+    threads = torch.get_num_threads()
+    mesh = ColoredMesh(v, f, np.tile(colour, (len(v), 1)))
+    out = render_views(mesh, cams, 24, shading="unlit", threads=1, progress=True)
+    assert torch.get_num_threads() == threads
+    assert "3/3" in capsys.readouterr().err
+    inner = out["alpha"] == 1
+    assert inner.sum() > 100
+    np.testing.assert_allclose(out["rgb"][inner], np.broadcast_to(colour, out["rgb"][inner].shape), atol=1e-6)
+    np.testing.assert_array_equal(out["rgb"][out["alpha"] == 0], 1.0)          # white background
+    lit = render_views(mesh, cams, 24)
+    np.testing.assert_array_equal(lit["alpha"], out["alpha"])                   # same coverage, other colours
+    assert not np.allclose(lit["rgb"][inner], colour, atol=0.05)
+    with pytest.raises(ValueError, match="unknown shading 'flat'"):
+        render_views(mesh, cams, 8, shading="flat")

@@ -253,3 +253,72 @@ def test_official_generator_file_samples_directly(models, tmp_path):
                                                      render_resolution=8)[0]
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert a.mesh is not None
+
+
+def test_no_video_renders_only_the_preview_views(models, tmp_path, monkeypatch):
+    """--no-video renders the 8 views preview.png shows instead of all 24 turntable frames (from
+    the mesh: no volume rendering), writes no MP4 or GIF, and its preview is the full turntable's."""
+    import pipelines.sar3d as sar3d
+    from pipelines import Object3D, SAR3DPipeline
+    mesh_views, field_views = [], []
+    render_views, field_render = sar3d.render_views, TriplaneVQVAE.render
+
+    def count_mesh(mesh, cams, *args, **kw):
+        mesh_views.append(len(cams))
+        return render_views(mesh, cams, *args, **kw)
+
+    def count_field(self, triplane, c, **kw):
+        field_views.append(len(c))
+        return field_render(self, triplane, c, **kw)
+
+    monkeypatch.setattr(sar3d, "render_views", count_mesh)
+    monkeypatch.setattr(TriplaneVQVAE, "render", count_field)
+    assert run_sample(models, tmp_path / "cli", "--prompt", "a red torus", "--no-video", "--frames", "24") == 0
+    out = tmp_path / "cli" / "a_red_torus_0"
+    assert sum(mesh_views) == 8 and not field_views
+    assert not (out / "turntable.mp4").exists() and not (out / "turntable.gif").exists()
+    assert Image.open(out / "preview.png").size == (4 * 16, 2 * 16)
+
+    assert Object3D.preview_indices(24) == [0, 3, 6, 9, 12, 15, 18, 21]
+    assert Object3D.preview_indices(4) == [0, 1, 2, 3]
+    pipe = SAR3DPipeline.from_pretrained(vqvae=models / "vqvae", ar=models / "ar", condition="text", device="cpu")
+    kw = dict(seed=2, mesh_resolution=12, frames=24, render_resolution=16)
+    full, short = pipe("a red torus", **kw)[0], pipe("a red torus", video=False, **kw)[0]
+    assert full.frames.shape == (24, 16, 16, 3) and short.frames.shape == (8, 16, 16, 3)
+    np.testing.assert_array_equal(short.frames, full.frames[Object3D.preview_indices(24)])
+    full.save(tmp_path / "full")
+    short.save(tmp_path / "short", video=False)
+    assert (tmp_path / "full" / "turntable.mp4").is_file() and not (tmp_path / "short" / "turntable.gif").exists()
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "full" / "preview.png")),
+                                  np.asarray(Image.open(tmp_path / "short" / "preview.png")))
+
+
+def test_mesh_turntable_puts_the_object_where_the_field_render_does(models, capsys):
+    """The turntable rasterised from the extracted mesh (the default) and the volume render of the
+    same triplane (the tiny VQVAE's density is the whole render cube) agree: same silhouette,
+    similar colours, white background; with no mesh the field is rendered."""
+    from pipelines import SAR3DPipeline
+    pipe = SAR3DPipeline.from_pretrained(vqvae=models / "vqvae", ar=models / "ar", condition="text", device="cpu")
+    obj = pipe("a red torus", frames=0, mesh_resolution=24)[0]
+    field = pipe.turntable(obj.triplane, 6, 32, mesh=obj.mesh, source="field")
+    mesh = pipe.turntable(obj.triplane, 6, 32, mesh=obj.mesh, progress=True)
+    assert "6/6" in capsys.readouterr().err
+    assert field.shape == mesh.shape == (6, 32, 32, 3) and mesh.dtype == np.uint8
+    fg_field, fg_mesh = (field < 250).any(-1), (mesh < 250).any(-1)
+    iou = (fg_field & fg_mesh).sum() / (fg_field | fg_mesh).sum()
+    assert iou > 0.9, iou
+    both = fg_field & fg_mesh
+    assert np.abs(field.astype(int) - mesh.astype(int))[both].mean() < 20
+    # White background: pure white wherever the field render is, one pixel away from its silhouette.
+    near = fg_field.copy()
+    for axis in (1, 2):
+        for shift in (1, -1):
+            near |= np.roll(fg_field, shift, axis)
+    assert (mesh[~near] == 255).all() and (~near).mean() > 0.15
+    assert (mesh[:, -1, 0] == 255).all() and (mesh[:, -1, -1] == 255).all()      # the bottom corners
+    np.testing.assert_array_equal(pipe.turntable(obj.triplane, 6, 32, indices=[4, 1], mesh=obj.mesh), mesh[[4, 1]])
+    np.testing.assert_array_equal(pipe.turntable(obj.triplane, 6, 32, indices=[0]), field[:1])   # no mesh: field
+    with pytest.raises(ValueError, match="needs a mesh"):
+        pipe.turntable(obj.triplane, 2, 16, source="mesh")
+    with pytest.raises(ValueError, match="unknown render source"):
+        pipe.turntable(obj.triplane, 2, 16, mesh=obj.mesh, source="nerf")

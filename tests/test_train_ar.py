@@ -15,7 +15,8 @@ from scripts.precompute import main as precompute
 from tests.test_conditioners import CLIP_DIM, save_tiny_clip
 from tests.test_precompute import TINY32, _save_vqvae
 from datasets.gbuffer import GBufferDataset
-from train_ar import ARRunConfig, TrainConfig, evaluate, main, param_groups
+from train_ar import main
+from trainers.ar import ARRunConfig, TrainConfig, evaluate, param_groups
 from trainers.schedule import lr_factor
 from utils.checkpoint import load_model
 from utils.cli import run
@@ -155,3 +156,27 @@ def test_schedule_and_weight_decay_groups():
     yes = {names[id(p)] for p in decay["params"]}
     assert {"pos_1LC", "pos_start", "lvl_embed.weight", "blocks.0.attn.scale_mul_1H11", "head.bias"} <= no
     assert {"plane_embed.weight", "blocks.0.attn.mat_qkv.weight", "head.weight", "word_embed.weight"} <= yes
+
+
+def test_the_generator_records_the_vqvae_of_its_tokens(tokens, tmp_path, capsys):
+    """precompute's tokenizer.json travels into the trained generator; another VQVAE is refused by
+    precompute (unless --overwrite), by the trainer's --vqvae and by sampling, each in one line."""
+    from datasets.precompute import read_tokenizer_record
+    from models.layout import tokenizer_signature
+    from models.vqvae import load_vqvae
+    data, vqvae = tokens
+    record = read_tokenizer_record(data)
+    assert record["fingerprint"] == tokenizer_signature(load_vqvae(vqvae).quantizer)["fingerprint"]
+    assert _train(data, tmp_path / "run", 1) == 0
+    assert load_ar(tmp_path / "run").cfg.tokenizer == record["fingerprint"]
+    other = tmp_path / "other_vqvae"
+    _save_vqvae(other, TINY32, seed=1)
+    capsys.readouterr()
+    assert _train(data, tmp_path / "run2", 1, "--vqvae", str(other), "--set", "train.sample_every=1") == 2
+    err = capsys.readouterr().err.strip()
+    assert "trained on the tokens of another VQVAE" in err and str(other) in err and len(err.splitlines()) == 1
+    from datasets.gbuffer import TOKEN_FILES, load_index
+    copy = Path(shutil.copytree(data, tmp_path / "data"))
+    (copy / next(iter(load_index(copy).values()))[0] / TOKEN_FILES["gt_BL"]).unlink()     # one object to redo
+    with pytest.raises(ValueError, match="another VQVAE.*pass --overwrite"):
+        precompute(["--data-dir", str(copy), "--vqvae", str(other), "--device", "cpu"])

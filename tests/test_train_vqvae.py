@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import train_vqvae
 from losses.depth import align_scale_shift, scale_shift_invariant_loss
 from models.vqvae import TriplaneVQVAE, load_vqvae
+from trainers import vqvae as vqvae_trainer
 from trainers.sampler import StepBatches
 from utils.cameras import crop_cameras, normalized_intrinsics, orbit_c2w, pack_cameras
 from utils.cli import run
@@ -170,7 +171,7 @@ def test_scale_shift_alignment_against_a_float64_least_squares():
 def test_reconstruction_terms_against_a_float64_recomputation():
     """RGB L1 and opacity terms of reconstruction_losses, weighted and averaged over samples."""
     g = torch.Generator().manual_seed(0)
-    cfg = train_vqvae.TrainConfig(l1_weight=0.7, alpha_weight=0.4, depth_weight=0.0, rays_per_view=8)
+    cfg = vqvae_trainer.TrainConfig(l1_weight=0.7, alpha_weight=0.4, depth_weight=0.0, rays_per_view=8)
     renders, targets, expected = [], [], 0.0
     for _ in range(2):
         r = {"image_raw": torch.rand(4, 3, 1, 8, generator=g) * 2 - 1,
@@ -180,34 +181,34 @@ def test_reconstruction_terms_against_a_float64_recomputation():
         targets.append((rgb, alpha, torch.rand(4, 1, 8, generator=g)))
         err = r["image_raw"].double() - (rgb.double() * 2 - 1)
         expected += (0.7 * err.abs().mean() + 0.4 * (r["weights_samples"][:, 0].double() - alpha.double()).abs().mean()) / 2
-    total, logs, _, _ = train_vqvae.reconstruction_losses(cfg, renders, targets)
+    total, logs, _, _ = vqvae_trainer.reconstruction_losses(cfg, renders, targets)
     assert abs(float(total) - float(expected)) < 1e-6
     assert logs["l1"] > 0 and logs["alpha"] > 0
 
 
 def test_one_view_set_per_object_is_drawn_per_step_and_position():
-    one = train_vqvae.TrainConfig(view_sets_per_object=1)
-    draws = [train_vqvae.sample_view_sets(one, step, pos) for step in range(20) for pos in range(4)]
+    one = vqvae_trainer.TrainConfig(view_sets_per_object=1)
+    draws = [vqvae_trainer.sample_view_sets(one, step, pos) for step in range(20) for pos in range(4)]
     assert all(len(d) == 1 for d in draws) and {d[0] for d in draws} == {0, 1}
-    assert draws == [train_vqvae.sample_view_sets(one, step, pos) for step in range(20) for pos in range(4)]
-    assert train_vqvae.sample_view_sets(train_vqvae.TrainConfig(), 3, 1) == [0, 1]
+    assert draws == [vqvae_trainer.sample_view_sets(one, step, pos) for step in range(20) for pos in range(4)]
+    assert vqvae_trainer.sample_view_sets(vqvae_trainer.TrainConfig(), 3, 1) == [0, 1]
 
 
 def test_random_pixels_favour_the_foreground_box():
     alpha = torch.zeros(3, 32, 32)
     alpha[:, 10:14, 20:26] = 1                               # a 4 x 6 object
-    t = train_vqvae.TrainConfig(rays_per_view=400, patch_in_bbox=0.75)
-    pix = train_vqvae.random_pixels(t, torch.Generator().manual_seed(0), alpha, margin=2)
+    t = vqvae_trainer.TrainConfig(rays_per_view=400, patch_in_bbox=0.75)
+    pix = vqvae_trainer.random_pixels(t, torch.Generator().manual_seed(0), alpha, margin=2)
     assert pix.shape == (3, 400) and (pix[:, 1:] >= pix[:, :-1]).all() and 0 <= pix.min() and pix.max() < 32 * 32
     y, x = pix // 32, pix % 32
     inside = ((y >= 8) & (y < 16) & (x >= 18) & (x < 28)).float().mean().item()
     assert inside == pytest.approx(0.75 + 0.25 * 80 / 1024, abs=0.03)    # the box share, plus uniform hits
-    empty = train_vqvae.random_pixels(t, torch.Generator().manual_seed(0), torch.zeros(1, 32, 32))
+    empty = vqvae_trainer.random_pixels(t, torch.Generator().manual_seed(0), torch.zeros(1, 32, 32))
     assert empty.float().std() > 200                          # no foreground: spread over the whole view
 
 
 def test_cropped_cameras_render_the_crop_of_the_full_image():
-    model = TriplaneVQVAE(load_config(train_vqvae.VQVAERunConfig, TINY)).eval()
+    model = TriplaneVQVAE(load_config(vqvae_trainer.VQVAERunConfig, TINY)).eval()
     torch.manual_seed(0)
     planes = torch.randn(1, 3 * 8, 8, 8)
     c = torch.from_numpy(pack_cameras(np.stack([orbit_c2w(30, 20, 2.0), orbit_c2w(200, 5, 2.0)]),

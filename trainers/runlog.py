@@ -1,13 +1,39 @@
 """What a training run writes as it goes, shared by the trainers: the progress bar, every step's
 logs in OUT/train_log.jsonl, TensorBoard scalars under train/ (OUT/tb), and held-out metrics in
-OUT/metrics.jsonl. Only the main process writes; the others keep a disabled bar and the history."""
+OUT/metrics.jsonl. Only the main process writes; the others keep a disabled bar and the history.
+
+A run that starts at step s (0, or the step it resumes from) first cuts both .jsonl files to
+their rows of steps <= s, and TensorBoard drops its events of later steps: what a killed run
+logged after its last save is done again, so the logs of a resumed run are those of a straight
+one, each step once."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+LOG_FILES = ("train_log.jsonl", "metrics.jsonl")
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the rows of `path` (JSON lines with a "step") of steps <= `step`, in order; a torn
+    last line (a kill while writing) goes too. Rewritten atomically; a missing file stays so."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            keep.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
 
 
 class RunLog:
@@ -18,7 +44,10 @@ class RunLog:
         if is_main:
             from torch.utils.tensorboard import SummaryWriter
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(str(self.out_dir / "tb"))
+            for name in LOG_FILES:
+                truncate_log(self.out_dir / name, step)
+            # purge_step: TensorBoard hides what earlier sessions logged from this step on
+            self.writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=step + 1)
         self.bar = tqdm(total=max_steps, initial=step, desc=desc, disable=not is_main, dynamic_ncols=True)
         self.history: list[dict] = []
         self.t0 = time.time()

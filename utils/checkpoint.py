@@ -43,39 +43,77 @@ def save_model(out_dir, state_dict: dict, config: dict, kind: str) -> Path:
     return out_dir / "model.safetensors"
 
 
+def read_header(path, kind: str | None = None):
+    """The header of a checkpoint written by save_model (a directory or a .safetensors file),
+    without reading its tensors: (file, config dict, kind, {name: shape}). Missing, truncated or
+    foreign files raise CheckpointError naming the file."""
+    path = Path(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise CheckpointError(f"no checkpoint at {file}: train one or put model.safetensors there")
+    try:
+        with safe_open(str(file), "pt") as f:
+            meta = f.metadata() or {}
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({_first_line(e)})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{file}: not a checkpoint of this project (no '{FORMAT}' metadata); "
+                              "official checkpoints go through scripts/convert_official.py")
+    if kind is not None and meta.get("kind") != kind:
+        raise CheckpointError(f"{file}: holds a '{meta.get('kind')}' model, expected '{kind}'")
+    if "config" not in meta:
+        raise CheckpointError(f"{file}: its metadata holds no model config; write checkpoints with "
+                              "utils.checkpoint.save_model (or scripts/convert_official.py for official files)")
+    try:
+        config = json.loads(meta["config"])
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: the model config in its metadata is not a JSON object; write "
+                              "checkpoints with utils.checkpoint.save_model")
+    return file, config, meta["kind"], shapes
+
+
 def load_model(path, kind: str | None = None):
     """Read a checkpoint written by save_model: a directory or a .safetensors file.
 
     Returns (state_dict, config dict, kind). Missing, truncated or foreign files raise
     CheckpointError naming the file.
     """
-    path = Path(path)
-    file = path / "model.safetensors" if path.is_dir() else path
-    if not file.is_file():
-        raise CheckpointError(f"no checkpoint at {file}: train one or put model.safetensors there")
+    file, config, kind, _ = read_header(path, kind)
     try:
         state = load_file(str(file))
-        with safe_open(str(file), "pt") as f:
-            meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{file}: not a checkpoint of this project (no '{FORMAT}' metadata); "
-                              "official checkpoints go through scripts/convert_official.py")
-    if kind is not None and meta.get("kind") != kind:
-        raise CheckpointError(f"{file}: holds a '{meta.get('kind')}' model, expected '{kind}'")
-    return state, json.loads(meta["config"]), meta["kind"]
+        raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({_first_line(e)})") from None
+    return state, config, kind
 
 
 def load_built(ckpt, kind: str, build, device="cpu"):
     """A model from our checkpoint folder: `build(config dict)` makes it, the weights load
     strictly, and it comes back in eval mode on `device`. Any mismatch is a CheckpointError
-    naming the checkpoint."""
-    state, cfg, _ = load_model(ckpt, kind)
+    naming the checkpoint.
+
+    The model is first built on the meta device (shapes, no memory) and compared, tensor by
+    tensor, with the shapes in the file's header: a config that declares a larger model than the
+    file holds is refused before anything of its size is allocated."""
+    file, cfg, _, shapes = read_header(ckpt, kind)
     try:
-        model = build(cfg)
-    except ValueError as e:                     # ConfigError included
-        raise CheckpointError(f"{ckpt}: its config does not build a {kind} model ({e})") from None
+        with torch.device("meta"):
+            skeleton = build(cfg)
+    except Exception as e:                      # ConfigError, or a config the model cannot take
+        raise CheckpointError(f"{ckpt}: its config does not build a {kind} model ({_first_line(e)})") from None
+    want = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    del skeleton
+    problems = [f"'{n}' is missing from the file" for n in want if n not in shapes]
+    problems += [f"the file has '{n}', which the config does not make" for n in shapes if n not in want]
+    problems += [f"'{n}' has shape {shapes[n]} in the file, the config makes {want[n]}"
+                 for n in want if n in shapes and shapes[n] != want[n]]
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"{ckpt}: weights do not match the config stored with them ({problems[0]}{more})")
+    state, cfg, _ = load_model(file, kind)
+    model = build(cfg)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -83,6 +121,11 @@ def load_built(ckpt, kind: str, build, device="cpu"):
         raise CheckpointError(f"{ckpt}: weights do not match the config stored with them "
                               f"({lines[1].strip() if len(lines) > 1 else lines[0]})") from None
     return model.to(device).eval()
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def map_official_state(state: dict, ours: dict, to_ours, to_official, dropped=()) -> dict:
@@ -165,9 +208,24 @@ def read_official(path):
                 raise
             # Objects other than tensors in the file: rebuild tensors only (see _RestrictedUnpickler).
             return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickle)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, or truncated ({first})") from None
+    except MemoryError:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (it asks for more memory than there "
+                              "is)") from None
+    except Exception as e:     # whatever a damaged or hand-made file makes the reader raise
+        # torch's own messages suggest loading the file unsafely: only our words are shown.
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, or truncated ({_reader_problem(e)}); "
+                              "pass the file as released, or a checkpoint folder of ours") from None
+
+
+def _reader_problem(e: BaseException) -> str:
+    """What went wrong while reading an official file, in our words."""
+    if isinstance(e, (EOFError, zipfile.BadZipFile)) or "zip archive" in str(e) or "central directory" in str(e):
+        return "the file ends early or is not a zip archive"
+    if isinstance(e, pickle.UnpicklingError):
+        return "its pickled data is damaged or holds something other than tensors and containers"
+    if isinstance(e, OSError):
+        return e.strerror or "the file cannot be read"
+    return f"its content is malformed: {type(e).__name__}"
 
 
 def read_official_state(path, inner: tuple = (), what: str = "a state dict of tensors") -> dict:
@@ -178,4 +236,8 @@ def read_official_state(path, inner: tuple = (), what: str = "a state dict of te
         obj = obj.get(key) if isinstance(obj, dict) else None
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: expected {what}")
+    odd = [k for k in obj if not isinstance(k, str)]
+    if odd:
+        raise CheckpointError(f"{path}: expected {what}, but {len(odd)} key(s) are not names, e.g. "
+                              f"{repr(odd[0])[:40]}")
     return obj

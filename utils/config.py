@@ -2,12 +2,13 @@
 
 An unknown or misspelt key, or a value of the wrong type, is a ConfigError that names the key
 and the file. Checkpoints store `to_dict(cfg)` so that a model can be rebuilt with no flags.
+A field may set a lower bound, `field(default=8, metadata={"min": 1})`. The file must be a
+non-empty UTF-8 YAML mapping; every problem is one line naming the file (and the line).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import types
 import typing
 from pathlib import Path
@@ -99,6 +100,9 @@ def from_dict(cls, data, where: str = ""):
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(fields)})"
             raise ConfigError(f"unknown key '{prefix}{key}' for {cls.__name__}{hint}")
         kwargs[key] = _check(hints[key], value, f"{prefix}{key}")
+        low = fields[key].metadata.get("min")     # field(default=..., metadata={"min": 1})
+        if low is not None and isinstance(kwargs[key], (int, float)) and not kwargs[key] >= low:
+            raise ConfigError(f"{prefix}{key}: must be at least {low}, got {kwargs[key]!r}")
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -106,11 +110,57 @@ def from_dict(cls, data, where: str = ""):
     return cls(**kwargs)
 
 
-def _set_path(data: dict, dotted: str, value):
+def _set_path(data: dict, dotted: str, value, item: str = ""):
     keys = dotted.split(".")
-    for k in keys[:-1]:
+    for i, k in enumerate(keys[:-1]):
         data = data.setdefault(k, {})
+        if not isinstance(data, dict):
+            raise ConfigError(f"override {item or dotted!r}: '{'.'.join(keys[:i + 1])}' is a value, not a "
+                              "section with keys")
     data[keys[-1]] = value
+
+
+def _yaml_error(where: str, e: yaml.YAMLError) -> ConfigError:
+    """One line naming the place (line and column when YAML knows them) and the problem;
+    PyYAML's own message spans several lines with a caret under the excerpt."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    if mark is not None:
+        where = f"{where}, line {mark.line + 1}, column {mark.column + 1}"
+    problem = getattr(e, "problem", None)
+    context = getattr(e, "context", None)
+    if isinstance(e, yaml.reader.ReaderError):           # a character YAML does not allow
+        where, problem = f"{where}, character {e.position + 1}", e.reason
+        if isinstance(e.character, int):
+            problem += f" (#x{e.character:04x})"
+    text = problem or " ".join(str(e).split()) or type(e).__name__
+    if context and problem:
+        text = f"{text} ({context})"
+    return ConfigError(f"{where}: not valid YAML: {text}")
+
+
+def _read_yaml(path: Path):
+    """The YAML document of a config file: a mapping. An empty file, text that is not UTF-8,
+    invalid YAML or another top level is a one-line ConfigError naming the file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or type(e).__name__})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                          "save the config as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise _yaml_error(str(path), e) from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty (or only comments); a config file sets keys such as "
+                          "the ones in configs/")
+    if not isinstance(data, dict):
+        kind = "a list" if isinstance(data, list) else f"a single {type(data).__name__} value"
+        raise ConfigError(f"{path}: the top level is {kind}; a config file is a mapping of keys (key: value)")
+    return data
 
 
 def load_config(cls, path=None, overrides=()):
@@ -121,16 +171,17 @@ def load_config(cls, path=None, overrides=()):
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        data = _read_yaml(path)
         source = str(path)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, value = item.split("=", 1)
-        _set_path(data, key.strip(), yaml.safe_load(value))
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise _yaml_error(f"override {item!r}", e) from None
+        _set_path(data, key.strip(), value, item)
     try:
         return from_dict(cls, data)
     except ConfigError as e:
@@ -139,7 +190,3 @@ def load_config(cls, path=None, overrides=()):
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def save_config(cfg, path):
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
