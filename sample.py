@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 import time
@@ -31,29 +30,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pipelines.sar3d import MESH_FORMATS, OFFICIAL_DIR, SamplingConfig, SAR3DPipeline, load_image  # noqa: E402
+from pipelines.sar3d import (MAX_SAMPLES, MESH_FORMATS, OFFICIAL_DIR, SamplingConfig, SAR3DPipeline,  # noqa: E402
+                             check_prompt, load_image)
 from utils.cli import ArgumentParser, check_device, run  # noqa: E402
 from utils.lock import FolderLock  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MAX_SAMPLES = 64                # objects per input in one run (each is a full decode, mesh and render)
 # Bounds of the output sizes: beyond them one object asks for gigabytes.
 LIMITS = {"frames": 360, "render_resolution": 1024, "mesh_resolution": 512}
-
-
-def check_text(text: str, where: str) -> str:
-    """A prompt that the tokenizer can take: UTF-8 encodable (a byte that is not UTF-8 reaches
-    Python as a lone surrogate), not empty. Returns it stripped."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        bad = ord(text[e.start])
-        byte = f"the byte 0x{bad - 0xDC00:02x}" if 0xDC80 <= bad <= 0xDCFF else f"the code point U+{bad:04X}"
-        raise ValueError(f"{where}: not valid UTF-8 text ({byte} at character {e.start + 1}); "
-                         "write the prompt in UTF-8") from None
-    if not text.strip():
-        raise ValueError(f"{where}: empty prompt; describe the object, e.g. --prompt \"a red torus\"")
-    return text.strip()
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -75,7 +59,7 @@ def read_prompts(path: Path) -> list[str]:
         data = data.get("test_promts", data.get("test_prompts"))
     if not isinstance(data, list) or not data or not all(isinstance(p, str) for p in data):
         raise ValueError(f"--prompts {path}: expected a non-empty list of strings, or {{\"test_promts\": [...]}}")
-    return [check_text(p, f"--prompts {path}: prompt {i + 1}") for i, p in enumerate(data)]
+    return [check_prompt(p, f"--prompts {path}: prompt {i + 1}") for i, p in enumerate(data)]
 
 
 def image_paths(path: Path) -> list[Path]:
@@ -108,18 +92,6 @@ def new_folder(out_dir: Path, name: str) -> Path:
                              f"({e.strerror or type(e).__name__}); "
                              "pick a writable folder") from None
     raise ValueError(f"--output-dir {out_dir}: {name} and 100000 numbered copies exist; pick another folder")
-
-
-def check_sampling(args) -> None:
-    """The sampling flags, before any model loads: finite, and in the ranges the sampler reads."""
-    if not math.isfinite(args.guidance):
-        raise ValueError(f"--guidance {args.guidance}: must be a finite number (the official weight is 4)")
-    if args.top_k < 0:
-        raise ValueError(f"--top-k {args.top_k}: must be 0 (no limit) or more")
-    if not 0.0 <= args.top_p <= 1.0:         # NaN fails too
-        raise ValueError(f"--top-p {args.top_p}: must be between 0 and 1 (0: no limit)")
-    if not (math.isfinite(args.temperature) and args.temperature > 0):
-        raise ValueError(f"--temperature {args.temperature}: must be a positive finite number (1: as trained)")
 
 
 def parse_args(argv=None):
@@ -167,7 +139,7 @@ def parse_args(argv=None):
     for name, high in LIMITS.items():
         if getattr(args, name) > high:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: at most {high}")
-    check_sampling(args)
+    args.sampling = SamplingConfig(args.guidance, args.top_k, args.top_p, args.temperature)
     args.device = check_device(args.device)
     return args
 
@@ -179,7 +151,7 @@ def main(argv=None) -> int:
         inputs, names = [load_image(p) for p in paths], [slug(p.stem) for p in paths]
     else:
         kind = "text"
-        inputs = [check_text(args.prompt, "--prompt")] if args.prompt is not None else read_prompts(args.prompts)
+        inputs = [check_prompt(args.prompt, "--prompt")] if args.prompt is not None else read_prompts(args.prompts)
         names = [slug(p) for p in inputs]
     try:
         lock = FolderLock(args.output_dir, "sample.py").acquire()
@@ -199,9 +171,8 @@ def generate(args, kind: str, inputs: list, names: list) -> int:
                                          encoder=getattr(args, f"{kind}_encoder"), decoder=args.decoder,
                                          device=args.device)
     print(f"loaded models in {time.perf_counter() - t0:.1f} s", flush=True)
-    sampling = SamplingConfig(args.guidance, args.top_k, args.top_p, args.temperature)
     for i, (x, name) in enumerate(zip(inputs, names)):
-        objects = pipe(x, args.num_samples, args.seed + i, sampling, mesh_resolution=args.mesh_resolution,
+        objects = pipe(x, args.num_samples, args.seed + i, args.sampling, mesh_resolution=args.mesh_resolution,
                        frames=args.frames, render_resolution=args.render_resolution, video=not args.no_video)
         times: dict = {"write": 0.0}
         for k, obj in enumerate(objects):

@@ -39,13 +39,43 @@ DEMO_DIR = ROOT / "checkpoints" / "demo"
 OFFICIAL_DIR = ROOT / "checkpoints"
 
 
+MAX_SAMPLES = 64                # objects per input in one call (each is a full decode, mesh and render)
+MAX_SIDE = 4096                 # pixels a side of an input image
+
+
 @dataclass
 class SamplingConfig:
-    """How tokens are drawn (the defaults are sample.py's: the official guidance 4, top-k 10, top-p 0.5)."""
+    """How tokens are drawn (the defaults are sample.py's: the official guidance 4, top-k 10,
+    top-p 0.5). Checked when made; the messages name sample.py's flags."""
     guidance: float = 4.0            # classifier-free guidance weight, ramped over the scales
     top_k: int = 10
     top_p: float = 0.5
     temperature: float = 1.0
+
+    def __post_init__(self):
+        if not math.isfinite(self.guidance):
+            raise ValueError(f"--guidance {self.guidance}: must be a finite number (the official weight is 4)")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"--top-k {self.top_k}: must be 0 (no limit) or more")
+        if not 0.0 <= self.top_p <= 1.0:         # NaN fails too
+            raise ValueError(f"--top-p {self.top_p}: must be between 0 and 1 (0: no limit)")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"--temperature {self.temperature}: must be a positive finite number (1: as trained)")
+
+
+def check_prompt(text: str, where: str = "--prompt") -> str:
+    """A prompt the encoders can take: UTF-8 encodable (a byte that is not UTF-8 reaches Python
+    as a lone surrogate), not empty. Returns it stripped."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = ord(text[e.start])
+        byte = f"the byte 0x{bad - 0xDC00:02x}" if 0xDC80 <= bad <= 0xDCFF else f"the code point U+{bad:04X}"
+        raise ValueError(f"{where}: not valid UTF-8 text ({byte} at character {e.start + 1}); "
+                         "write the prompt in UTF-8") from None
+    if not text.strip():
+        raise ValueError(f"{where}: empty prompt; describe the object, e.g. --prompt \"a red torus\"")
+    return text.strip()
 
 
 @dataclass
@@ -89,7 +119,7 @@ class Object3D:
         return folder
 
 
-def load_image(path, max_side: int = 4096) -> torch.Tensor:
+def load_image(path, max_side: int = MAX_SIDE) -> torch.Tensor:
     """An RGB(A) file -> (3, S, S) in [0, 1]: transparency composited on white, then padded to a
     square on white (the official test-time preprocessing). Images over `max_side` pixels on a
     side are refused from their header, before anything is decoded."""
@@ -282,6 +312,24 @@ class SAR3DPipeline(Decoder3D):
         times["sample"] = time.perf_counter() - t
         return idx
 
+    def _input(self, x):
+        """A prompt (checked, stripped), or an image as a (3, H, W) tensor in [0, 1] from a path,
+        a PIL image or a tensor."""
+        if self.condition == "text":
+            if not isinstance(x, str):
+                raise ValueError(f"a text pipeline takes a prompt (a string), got {type(x).__name__}")
+            return check_prompt(x)
+        if isinstance(x, (str, Path)):
+            return load_image(x)
+        if isinstance(x, Image.Image):
+            if max(x.size) > MAX_SIDE:
+                raise ValueError(f"image of {x.size[0]}x{x.size[1]} pixels: at most {MAX_SIDE} pixels a side; "
+                                 "downscale it")
+            x = pil_to_tensor(x)
+        if not (isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[0] == 3):
+            raise ValueError("image input: pass an image file, a PIL image or a (3, H, W) tensor in [0, 1]")
+        return x
+
     def __call__(self, x, num_samples: int = 1, seed: int = 0, sampling: SamplingConfig | None = None, *,
                  mesh_resolution: int = 128, frames: int = 24, render_resolution: int = 128,
                  mesh: bool = True, video: bool = True, render_source: str = "auto",
@@ -293,35 +341,11 @@ class SAR3DPipeline(Decoder3D):
         and the object's own mesh and render seconds. render_source: "auto" (the mesh when there
         is one, else the field), "mesh" or "field" (Decoder3D.views); progress: a tqdm bar over
         the rendered views (None: on a terminal)."""
-        if isinstance(x, (str, Path)) and self.condition == "image":
-            x = load_image(x)
-        elif isinstance(x, Image.Image):
-            if max(x.size) > 4096:
-                raise ValueError(f"image of {x.size[0]}x{x.size[1]} pixels: at most 4096 pixels a side; downscale it")
-            x = pil_to_tensor(x)
-        if self.condition == "text" and not (isinstance(x, str) and x.strip()):
-            raise ValueError("--prompt: empty prompt; describe the object, e.g. --prompt \"a red torus\"")
-        if isinstance(x, str):
-            try:
-                x.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ValueError(f"--prompt: not valid UTF-8 text (character {e.start + 1}); write the prompt in "
-                                 "UTF-8") from None
-        if self.condition == "image" and not (isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[0] == 3):
-            raise ValueError("image input: pass an image file, a PIL image or a (3, H, W) tensor in [0, 1]")
-        if not (isinstance(num_samples, int) and 1 <= num_samples <= 64):
-            raise ValueError(f"num_samples {num_samples!r}: between 1 and 64 objects per call")
-        s = sampling or SamplingConfig()
-        if not math.isfinite(s.guidance):
-            raise ValueError(f"guidance (--cfg) {s.guidance}: must be a finite number")
-        if not (isinstance(s.top_k, int) and s.top_k >= 0):
-            raise ValueError(f"top_k {s.top_k!r}: must be 0 (no limit) or more")
-        if not 0.0 <= s.top_p <= 1.0:
-            raise ValueError(f"top_p {s.top_p}: must be between 0 and 1 (0: no limit)")
-        if not (math.isfinite(s.temperature) and s.temperature > 0):
-            raise ValueError(f"temperature {s.temperature}: must be a positive finite number")
+        x = self._input(x)
+        if not (isinstance(num_samples, int) and 1 <= num_samples <= MAX_SAMPLES):
+            raise ValueError(f"--num-samples {num_samples!r}: between 1 and {MAX_SAMPLES} objects per input")
         times: dict = {}
-        idx = self.sample_tokens(x.strip() if isinstance(x, str) else x, num_samples, seed, sampling, times)
+        idx = self.sample_tokens(x, num_samples, seed, sampling, times)
         t = time.perf_counter()
         planes = self.triplanes(idx)
         times["decode"] = time.perf_counter() - t
