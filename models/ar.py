@@ -338,6 +338,34 @@ def load_ar(ckpt, device="cpu") -> NextScaleAR:
 DERIVED = ("lvl_1L", "plane_1L", "attn_bias_for_masking")
 
 
+def sizes_from_official(state: dict, base: ARConfig) -> ARConfig:
+    """`base` with the sizes an official var_wo_ddp state dict shows: depth, width, heads, MLP
+    ratio, condition widths, vocabulary, code width and (from its lvl_1L buffer) the scales, so
+    that an official file of any size loads without a config file."""
+    if "word_embed.weight" not in state or "head.weight" not in state:
+        return base                              # not a generator: the conversion names what is missing
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    width, c_vae = state["word_embed.weight"].shape
+    sizes = dict(depth=depth, width=width, c_vae=c_vae, vocab_size=state["head.weight"].shape[0])
+    if "blocks.0.attn.scale_mul_1H11" in state:
+        sizes["num_heads"] = state["blocks.0.attn.scale_mul_1H11"].shape[1]
+    if "blocks.0.ffn.fc1.weight" in state:
+        sizes["mlp_ratio"] = state["blocks.0.ffn.fc1.weight"].shape[0] / width
+    if "pooler_emb.weight" in state:
+        sizes["pooled_dim"] = state["pooler_emb.weight"].shape[1]
+    if "blocks.0.cross_attn.mat_kv.weight" in state:
+        sizes["seq_dim"] = state["blocks.0.cross_attn.mat_kv.weight"].shape[1]
+    if "lvl_1L" in state and state["lvl_1L"].device.type != "meta":
+        counts = torch.bincount(state["lvl_1L"].flatten().long()).tolist()
+        pns = [round((c / NUM_PLANES) ** 0.5) for c in counts]
+        if all(NUM_PLANES * pn * pn == c for pn, c in zip(pns, counts)):
+            sizes["patch_nums"] = tuple(pns)
+    try:
+        return dataclasses.replace(base, drop_path=-1.0, **sizes)
+    except ConfigError as e:
+        raise ConversionError(f"its tensors give a generator that cannot be built ({e})") from None
+
+
 def convert_official(state: dict, model: NextScaleAR) -> dict:
     """Official var_wo_ddp state dict -> ours (the names are the same; the derived index and
     mask buffers are checked against ours and dropped)."""

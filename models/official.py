@@ -31,8 +31,8 @@ FILE_NAMES = {"vqvae": "vqvae-ckpt.pt", "vqvae-flexicubes": "vqvae-flexicubes-ck
               "ar-text": "text-condition-ckpt.pth", "ar-image": "image-condition-ckpt.pth"}
 
 
-def _build(kind: str, cfg_path: Path):
-    """-> (model on the meta device, its config, the converter) for a kind."""
+def _config(kind: str, cfg_path: Path):
+    """The model config of `kind` from a YAML file, checked to be of that kind."""
     if kind not in KINDS:
         raise ValueError(f"unknown official checkpoint kind {kind!r}; one of {', '.join(KINDS)}")
     if KINDS[kind][1] == "ar":
@@ -40,26 +40,33 @@ def _build(kind: str, cfg_path: Path):
         want = kind.split("-")[1]
         if cfg.condition != want:
             raise ConfigError(f"{kind} needs a config with condition: {want}, got {cfg.condition}")
-        with torch.device("meta"):                  # shapes only; the tensors come from the file
-            return ar.NextScaleAR(cfg), cfg, ar.convert_official
+        return cfg
     cfg = load_config(vqvae.VQVAEConfig, cfg_path)
     wanted = "flexicubes" if kind == "vqvae-flexicubes" else "nerf"
     if cfg.renderer_kind != wanted:
         raise ConfigError(f"{kind} needs a config with renderer_kind: {wanted}, got {cfg.renderer_kind}")
-    with torch.device("meta"):
-        return vqvae.TriplaneVQVAE(cfg), cfg, vqvae.convert_official
+    return cfg
 
 
 def load_official(kind: str, src, config=None):
     """The official checkpoint `src` of `kind` (KINDS) converted and strictly loaded: (model on
-    the CPU, in eval mode, its config). `config` overrides the paper configuration (a YAML file)."""
+    the CPU, in eval mode, its config). The config is `config` (a YAML file) or the paper's; a
+    generator takes its sizes from the file's own tensors (models.ar.sizes_from_official)."""
     src = Path(src)
-    model, cfg, convert = _build(kind, Path(config) if config else KINDS[kind][0])
+    cfg = _config(kind, Path(config) if config else KINDS[kind][0])
     if KINDS[kind][1] == "ar":
         state = read_official_state(src, ("trainer", "var_wo_ddp"),
                                     "the generator under trainer/var_wo_ddp (as in image-condition-ckpt.pth)")
+        build, convert = ar.NextScaleAR, ar.convert_official
+        try:
+            cfg = cfg if config else ar.sizes_from_official(state, cfg)
+        except ConversionError as e:
+            raise CheckpointError(f"{src}: {e}") from None
     else:
         state = read_official_state(src, what="a state dict of tensors (such as the official vqvae-ckpt.pt)")
+        build, convert = vqvae.TriplaneVQVAE, vqvae.convert_official
+    with torch.device("meta"):                  # shapes only; the tensors come from the file
+        model = build(cfg)
     try:
         ours = convert(state, model)
     except ConversionError as e:

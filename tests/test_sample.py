@@ -229,30 +229,24 @@ def test_a_generator_of_another_vqvae_is_refused_in_one_line(models, tmp_path):
 
 
 def test_official_generator_file_samples_directly(models, tmp_path):
-    """An official-layout AR file (the generator under trainer/var_wo_ddp with its derived buffers)
-    loads on the meta device and samples, with no conversion step."""
-    import yaml
-    from models.official import load_official
-    from models.vqvae import load_vqvae
-    from pipelines import SAR3DPipeline
+    """sample.py --ar FILE.pth with an official-layout file (the generator under trainer/var_wo_ddp,
+    with its derived buffers; sizes read from its tensors, here a reduced depth and width) runs to
+    a mesh, with the tokens of the same model loaded from our own checkpoint."""
     from tests.test_ar import official_state_of
     ours = json.loads((models / "ar" / "config.json").read_text())
     ours.pop("kind")
+    ours.update(depth=2, num_heads=4, patch_nums=tuple(ours["patch_nums"]))
     torch.manual_seed(0)
     model = NextScaleAR(ARConfig(**ours)).eval()
-    torch.save({"trainer": {"var_wo_ddp": official_state_of(model)}}, tmp_path / "text-condition-ckpt.pth")
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({**ours, "patch_nums": list(ours["patch_nums"])}))
-    loaded, _ = load_official("ar-text", tmp_path / "text-condition-ckpt.pth", tmp_path / "cfg.yaml")
-    assert not any(t.is_meta for t in (*loaded.parameters(), *loaded.buffers()))
-    from models.conditioners import load_conditioner
-    vq = load_vqvae(models / "vqvae")
-    enc = load_conditioner("text", ours["encoder"], "cpu")
-    a = SAR3DPipeline("text", vq, loaded, enc, "cpu")("a red torus", seed=1, mesh_resolution=12, frames=1,
-                                                      render_resolution=8)[0]
-    b = SAR3DPipeline("text", vq, model, enc, "cpu")("a red torus", seed=1, mesh_resolution=12, frames=1,
-                                                     render_resolution=8)[0]
-    np.testing.assert_array_equal(a.tokens, b.tokens)
-    assert a.mesh is not None
+    torch.save({"epoch": 1, "trainer": {"var_wo_ddp": official_state_of(model)}}, tmp_path / "text-condition-ckpt.pth")
+    save_model(tmp_path / "ours", model.state_dict(), to_dict(model.cfg), "ar")
+    for name, ar in (("official", tmp_path / "text-condition-ckpt.pth"), ("ours", tmp_path / "ours")):
+        assert sample.main(["--prompt", "a red torus", "--vqvae", str(models / "vqvae"), "--ar", str(ar),
+                            "--text-encoder", ours["encoder"], "--output-dir", str(tmp_path / name), "--no-video",
+                            "--render-resolution", "16", "--frames", "2", "--mesh-resolution", "12"]) == 0
+    out = tmp_path / "official" / "a_red_torus_0"
+    assert (out / "mesh.glb").is_file()
+    np.testing.assert_array_equal(np.load(out / "tokens.npy"), np.load(tmp_path / "ours" / "a_red_torus_0" / "tokens.npy"))
 
 
 def test_no_video_renders_only_the_preview_views(models, tmp_path, monkeypatch):
