@@ -19,7 +19,6 @@ OUTPUT_DIR/.lock while it writes.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipelines.sar3d import (MAX_SAMPLES, MESH_FORMATS, OFFICIAL_DIR, SamplingConfig, SAR3DPipeline,  # noqa: E402
                              check_prompt, load_image)
 from utils.cli import ArgumentParser, check_device, run  # noqa: E402
+from utils.config import read_utf8  # noqa: E402
 from utils.lock import FolderLock  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -42,15 +42,7 @@ LIMITS = {"frames": 360, "render_resolution": 1024, "mesh_resolution": 512}
 
 def read_prompts(path: Path) -> list[str]:
     """The official test_text.json ({"test_promts": [...]}, sic) or a plain JSON list of strings."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ValueError(f"--prompts {path}: cannot read the file ({e.strerror or type(e).__name__})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--prompts {path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                         "save the file as UTF-8") from None
+    text = read_utf8(path, f"--prompts {path}")
     try:
         data = json.loads(text)
     except ValueError as e:
@@ -96,19 +88,19 @@ def new_folder(out_dir: Path, name: str) -> Path:
 
 def parse_args(argv=None):
     d = SamplingConfig()
-    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one text prompt")
     src.add_argument("--prompts", type=Path, help="JSON: {\"test_promts\": [...]} (official) or a list of prompts")
     src.add_argument("--image", type=Path, help="an RGB(A) image, or a folder of them")
     ap.add_argument("--num-samples", type=int, default=1,
                     help=f"objects per prompt or image (at most {MAX_SAMPLES})")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed of the first input (the i-th: seed + i)")
     ap.add_argument("--guidance", "--cfg", type=float, default=d.guidance,
                     help=f"classifier-free guidance weight (official --cfg {d.guidance:g})")
-    ap.add_argument("--top-k", type=int, default=d.top_k)
-    ap.add_argument("--top-p", type=float, default=d.top_p)
-    ap.add_argument("--temperature", type=float, default=d.temperature)
+    ap.add_argument("--top-k", type=int, default=d.top_k, help="sample among the k likeliest tokens (0: all)")
+    ap.add_argument("--top-p", type=float, default=d.top_p, help="... and within this share of the mass (0: all)")
+    ap.add_argument("--temperature", type=float, default=d.temperature, help="softmax temperature")
     ap.add_argument("--vqvae", help="our VQVAE folder or an official checkpoint file (default: the demo model)")
     ap.add_argument("--ar", help="our generator folder or an official checkpoint file (default: the demo model)")
     ap.add_argument("--official", action="store_true",
@@ -121,8 +113,8 @@ def parse_args(argv=None):
     ap.add_argument("--render-resolution", type=int, default=128, help="turntable and preview size")
     ap.add_argument("--frames", type=int, default=24, help="turntable frames (15 degrees apart by default)")
     ap.add_argument("--no-video", action="store_true", help="skip the turntable MP4 and GIF")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--output-dir", type=Path, default=Path("outputs"))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--output-dir", type=Path, default=Path("outputs"), help="one folder per object goes here")
     args = ap.parse_args(argv)
     if args.decoder not in ("nerf", "flexicubes"):
         raise ValueError(f"--decoder {args.decoder!r}: use nerf or flexicubes")

@@ -16,21 +16,20 @@ OUT/train_log.jsonl and the held-out PSNR curve to OUT/metrics.jsonl.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from trainers.cli import HelpFormatter, add_run_args, load_run_config  # noqa: E402
+from trainers.cli import add_run_args, load_run_config  # noqa: E402
 from trainers.loop import fit  # noqa: E402
 from trainers.vqvae import VQVAERunConfig, VQVAETrainer  # noqa: E402
-from utils.cli import run  # noqa: E402
+from utils.cli import ArgumentParser, run  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--config", required=True, type=Path, help="model config with an optional train: section")
     ap.add_argument("--data-dir", required=True, type=Path, help="G-buffer dataset root (with dataset.json)")
     add_run_args(ap, "train.patch_size=32")

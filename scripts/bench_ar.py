@@ -12,7 +12,6 @@ process's peak resident size so far) and the time of each scale.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import sys
@@ -25,7 +24,7 @@ import torch  # noqa: E402
 
 from models.ar import ARConfig, Condition, NextScaleAR  # noqa: E402
 from models.quantizer import TriplaneQuantizer  # noqa: E402
-from utils.cli import run  # noqa: E402
+from utils.cli import ArgumentParser, run  # noqa: E402
 from utils.config import load_config  # noqa: E402
 
 SEQ_LEN = {"image": 256, "text": 77}
@@ -51,7 +50,7 @@ def conditions(cfg: ARConfig, B: int, device) -> tuple:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--config", required=True, type=Path, help="generator config (configs/ar/*.yaml)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--batch", default="1", help="comma-separated batch sizes")

@@ -15,7 +15,6 @@ one row per source.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipelines.sar3d import SAR3DPipeline  # noqa: E402
-from utils.cli import run  # noqa: E402
+from utils.cli import ArgumentParser, run  # noqa: E402
 from utils.media import write_grid  # noqa: E402
 
 SOURCES = ("field", "mesh")
@@ -43,7 +42,7 @@ def agreement(views: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--models", type=Path, help="pipeline folder (default: the demo model, checkpoints/demo)")
     ap.add_argument("--prompt", default="a red torus")
     ap.add_argument("--seed", type=int, default=0)

@@ -13,7 +13,6 @@ sample.py and pipelines.SAR3DPipeline also take the official files directly.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,12 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.official import KINDS, load_official  # noqa: E402
 from utils.checkpoint import save_model  # noqa: E402
-from utils.cli import run  # noqa: E402
+from utils.cli import ArgumentParser, run  # noqa: E402
 from utils.config import to_dict  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--kind", required=True, choices=sorted(KINDS))
     ap.add_argument("--src", required=True, type=Path, help="the official checkpoint file")
     ap.add_argument("--out", required=True, type=Path, help="output folder")

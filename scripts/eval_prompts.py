@@ -25,7 +25,6 @@ Prints per-family and overall accuracies, writes OUT/results.json and OUT/contac
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -43,11 +42,11 @@ from evaluation.shape_check import (NUM_POINTS, classify_colour, classify_family
 from models.layout import sequence_to_planes  # noqa: E402
 from pipelines.sar3d import DEMO_DIR, Decoder3D, SamplingConfig, SAR3DPipeline, load_tokenizer  # noqa: E402
 from renderers.mesh_render import sample_surface  # noqa: E402
-from utils.cli import run  # noqa: E402
+from utils.cli import ArgumentParser, run  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--num", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1000, help="shape seed of the prompts (training data: 0)")
     ap.add_argument("--sample-seed", type=int, default=0)

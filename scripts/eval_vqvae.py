@@ -31,7 +31,6 @@ computed: no perceptual network is available offline, so the key is absent.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -51,7 +50,7 @@ from models.inputs import encoder_views, input_view_sets  # noqa: E402
 from models.vqvae import TriplaneVQVAE, load_vqvae  # noqa: E402
 from renderers.nerf import camera_rays  # noqa: E402
 from utils.cameras import unpack_cameras  # noqa: E402
-from utils.cli import run  # noqa: E402
+from utils.cli import ArgumentParser, run  # noqa: E402
 from utils.metrics import colour_error, depth_error, mask_iou, psnr, ssim  # noqa: E402
 
 METRICS = ("psnr", "ssim", "mask_iou", "depth_error", "colour_error")
@@ -137,7 +136,7 @@ def _json_value(x: float):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--ckpt", type=Path, required=True,
                     help="VQVAE checkpoint folder (model.safetensors + config.json)")
     ap.add_argument("--data-dir", type=Path, required=True, help="G-buffer dataset root (dataset.json)")

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from losses.perceptual import LPIPS  # noqa: E402
 from utils.checkpoint import CheckpointError, read_official_state  # noqa: E402
-from utils.cli import run  # noqa: E402
+from utils.cli import ArgumentParser, run  # noqa: E402
 
 
 def gather(vgg: dict, lin: dict) -> dict:
@@ -36,7 +35,7 @@ def gather(vgg: dict, lin: dict) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--vgg", required=True, type=Path)
     ap.add_argument("--lin", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)

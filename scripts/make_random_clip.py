@@ -9,13 +9,12 @@ carry no pretrained meaning. Load it like the real one (--text-encoder checkpoin
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.cli import run  # noqa: E402
+from utils.cli import ArgumentParser, run  # noqa: E402
 
 
 def char_vocab() -> dict:
@@ -44,7 +43,7 @@ def save_random_clip(path, width: int = 64, layers: int = 2, heads: int = 4, see
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)

@@ -12,7 +12,6 @@ turn and tilt: the same objects and captions, axis-aligned.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.builder import add_build_arguments, load_build_config, write_indices, write_object  # noqa: E402
 from datasets.shapes import LABELS, sample_shape  # noqa: E402
-from utils.cli import run  # noqa: E402
+from utils.cli import ArgumentParser, run  # noqa: E402
 from utils.config import to_dict  # noqa: E402
 from utils.parallel import parallel_map  # noqa: E402
 
@@ -35,7 +34,7 @@ def _make_one(job):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--out", required=True, type=Path, help="dataset root to write")
     ap.add_argument("--num", required=True, type=int, help="number of objects")
     ap.add_argument("--seed", type=int, default=0)

@@ -34,7 +34,6 @@ The work is done by datasets/precompute.py.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -44,11 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.precompute import precompute  # noqa: E402
 from models.conditioners import DEFAULT_SOURCES  # noqa: E402
-from utils.cli import run  # noqa: E402
+from utils.cli import ArgumentParser, run  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--data-dir", required=True, type=Path, help="G-buffer dataset root (with dataset.json)")
     ap.add_argument("--vqvae", required=True, type=Path, help="VQVAE checkpoint folder (or .safetensors file)")
     ap.add_argument("--image-encoder", nargs="?", const=DEFAULT_SOURCES["image"],

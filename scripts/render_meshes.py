@@ -14,7 +14,6 @@ with the same settings keeps finished objects and writes only the missing ones.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -30,7 +29,7 @@ from datasets.builder import add_build_arguments, load_build_config, write_indic
 from datasets.errors import DatasetError, short_message  # noqa: E402
 from datasets.meshes import (MESH_SUFFIXES, MeshObject, assign_names, caption_for, find_meshes,  # noqa: E402
                              read_captions, read_mesh)
-from utils.cli import run  # noqa: E402
+from utils.cli import ArgumentParser, run  # noqa: E402
 from utils.config import to_dict  # noqa: E402
 from utils.parallel import parallel_map  # noqa: E402
 
@@ -51,7 +50,7 @@ def _render_one(job):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--meshes", required=True, type=Path, help="folder of mesh files")
     ap.add_argument("--out", required=True, type=Path, help="dataset root to write")
     ap.add_argument("--up", choices=("y", "z"), default="y", help="the files' up axis (glTF and most OBJ: y)")

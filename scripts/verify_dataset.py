@@ -12,7 +12,6 @@ of G-buffer objects, --condition (implies --tokens) their condition embeddings.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,11 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tqdm import tqdm  # noqa: E402
 
 from datasets.verify import LAYOUTS, check_objects, detect_layouts, find_objects  # noqa: E402
-from utils.cli import run  # noqa: E402
+from utils.cli import ArgumentParser, run  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("dir", type=Path, help="dataset root")
     ap.add_argument("--layout", choices=("auto",) + LAYOUTS, default="auto")
     ap.add_argument("--tokens", action="store_true", help="also check the precomputed token files")

@@ -2,22 +2,11 @@
 checks that keep --resume exact (same model config) and a finished run from being overwritten."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from trainers.state import holds_state
 from utils.config import load_config, to_dict
 from utils.lock import FolderLock
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help keeps the description's layout and shows each option's default, except empty ones
-    (None: the config decides, and such options say so in their own help; off; no items)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == []:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def model_config(cfg) -> dict:

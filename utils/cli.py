@@ -57,13 +57,24 @@ def report(line: str) -> None:
     print(line, file=sys.stderr)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the description's layout and shows each option's default, except empty ones
+    (None: the config decides, and such options say so in their own help; off; no items)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse without abbreviations, whose errors are ValueErrors (one line through `run`, exit
+    """argparse without abbreviations, --help showing the defaults (HelpFormatter), whose errors are ValueErrors (one line through `run`, exit
     status 2) and whose unknown options are named with the closest known one:
     "--promt: unknown option; did you mean --prompt?"."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message):

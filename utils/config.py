@@ -138,18 +138,24 @@ def _yaml_error(where: str, e: yaml.YAMLError) -> ConfigError:
     return ConfigError(f"{where}: not valid YAML: {text}")
 
 
+def read_utf8(path: Path, where: str, error=ValueError) -> str:
+    """A text file's content; an unreadable file or text that is not UTF-8 is one `error`
+    naming `where` (the file, or the flag that gave it)."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise error(f"{where}: cannot read the file ({e.strerror or type(e).__name__})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                    "save the file as UTF-8") from None
+
+
 def _read_yaml(path: Path):
     """The YAML document of a config file: a mapping. An empty file, text that is not UTF-8,
     invalid YAML or another top level is a one-line ConfigError naming the file."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or type(e).__name__})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                          "save the config as UTF-8") from None
+    text = read_utf8(path, str(path), ConfigError)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
