@@ -134,16 +134,18 @@ class OccupancyDataset(torch.utils.data.Dataset):
     A sample: points (num_points, 3) and occ (num_points,) float (query points and labels,
     subsampled without replacement when the file has more), inputs (pointcloud_n, 3) surface
     points with Gaussian noise `noise` (0.0005 as the Argus-3D code), normals of those points,
+    (float16 query points get `float16_noise` against their quantisation grid, as ONet),
     category (index into self.categories), model id and path.
     """
 
     def __init__(self, root, split: str = "train", categories=None, num_points: int = 2048,
-                 pointcloud_n: int = 30000, noise: float = 0.0005, skip_bad: bool = False):
+                 pointcloud_n: int = 30000, noise: float = 0.0005, skip_bad: bool = False,
+                 float16_noise: float = 1e-4):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.root = Path(root)
         self.num_points, self.pointcloud_n, self.noise = num_points, pointcloud_n, noise
-        self.skip_bad, self.num_skipped = skip_bad, 0
+        self.skip_bad, self.num_skipped, self.float16_noise = skip_bad, 0, float16_noise
         known = list_categories(self.root)
         unknown = set(categories or ()) - set(known)
         if unknown:
@@ -172,8 +174,8 @@ class OccupancyDataset(torch.utils.data.Dataset):
         pick = lambda n, k: torch.randperm(n)[:k] if k < n else torch.arange(n)
         qi, si = pick(len(pts), self.num_points), pick(len(surf), self.pointcloud_n)
         points = torch.from_numpy(pts)[qi]
-        if half:  # ONet: float16 files get 1e-4 noise against the quantisation grid
-            points = points + 1e-4 * torch.randn_like(points)
+        if half and self.float16_noise:  # ONet: float16 files get 1e-4 noise against the quantisation grid
+            points = points + self.float16_noise * torch.randn_like(points)
         inputs = torch.from_numpy(surf)[si]
         inputs = inputs + self.noise * torch.randn_like(inputs)
         return {"points": points, "occ": torch.from_numpy(occ)[qi].float(),

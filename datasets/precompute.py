@@ -185,3 +185,32 @@ def precompute(data_dir, vqvae_dir, image_encoder=None, text_encoder=None, split
             write_batch(batch, vqvae, image_enc, text_enc, device)
             bar.update(len(batch))
     return f"wrote {len(jobs)} objects ({done} already done) under {data_dir}: {', '.join(sorted(wanted))}"
+
+
+OCCUPANCY_TOKENS = "occupancy_tokens.npz"       # field `index` (L²,) int64: the official stage-2 input
+
+
+@torch.no_grad()
+def precompute_occupancy_tokens(data_dir, ckpt, split: str = "train", inputs: int = 30000, device="cpu",
+                                overwrite: bool = False) -> str:
+    """The Argus-3D tokenizer's token ids of every shape of an occupancy dataset's `split`, in
+    each shape's folder as OCCUPANCY_TOKENS ({'index': (L²,) int64}); the input points are drawn
+    from the shape's position in the split, so reruns write the same ids."""
+    from datasets.occupancy import OccupancyDataset
+    from models.occupancy_vqvae import load_occupancy_vqvae
+    model = load_occupancy_vqvae(ckpt, device)
+    ds = OccupancyDataset(data_dir, split, num_points=1, pointcloud_n=1 << 30, noise=0.0, float16_noise=0.0)
+    done = 0
+    for i in tqdm(range(len(ds)), desc="occupancy tokens", unit="shape", dynamic_ncols=True):
+        cat, shape, _ = ds.items[i]
+        out = Path(data_dir) / cat / shape / OCCUPANCY_TOKENS
+        if out.is_file() and not overwrite:
+            done += 1
+            continue
+        surface = ds[i]["inputs"]
+        pick = torch.randperm(len(surface), generator=torch.Generator().manual_seed(i))[:inputs]
+        ids = model.tokenize(surface[pick][None].to(device))[0].cpu().numpy().astype(np.int64)
+        tmp = out.with_name(out.name + ".tmp.npz")
+        np.savez(tmp, index=ids)
+        os.replace(tmp, out)
+    return f"wrote the tokens of {len(ds) - done} shapes ({done} already done) of '{split}' under {data_dir}"

@@ -1,4 +1,4 @@
-"""The official SAR3D checkpoints, read safely and loaded into our models.
+"""The official SAR3D and Argus-3D checkpoints, read safely and loaded into our models.
 
     model, cfg = load_official("ar-text", "checkpoints/text-condition-ckpt.pth")
     model, cfg = load_official("vqvae", "checkpoints/vqvae-ckpt.pt")
@@ -16,16 +16,20 @@ from pathlib import Path
 
 import torch
 
-from models import ar, vqvae
+from models import ar, occupancy_vqvae, vqvae
 from utils.checkpoint import CheckpointError, ConversionError, read_official_state
-from utils.config import ConfigError, load_config
+from utils.config import ConfigError, from_dict, load_config, read_yaml
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # kind -> (default config, model family)
 KINDS = {"vqvae": (CONFIGS / "vqvae" / "paper.yaml", "vqvae"),
          "vqvae-flexicubes": (CONFIGS / "vqvae" / "paper_flexicubes.yaml", "vqvae"),
          "ar-image": (CONFIGS / "ar" / "paper_image.yaml", "ar"),
-         "ar-text": (CONFIGS / "ar" / "paper_text.yaml", "ar")}
+         "ar-text": (CONFIGS / "ar" / "paper_text.yaml", "ar"),
+         # Argus-3D: model_stage1.pt ({'model': tokenizer}), and model_stage2.pt, whose 'model' holds
+         # the tokenizer under vqvae_model. beside the transformer (converted by the generator)
+         "argus-stage1": (CONFIGS / "argus" / "paper.yaml", "occupancy_vqvae"),
+         "argus-stage2": (CONFIGS / "argus" / "paper.yaml", "occupancy_vqvae")}
 # The official file names in checkpoints/, by kind.
 FILE_NAMES = {"vqvae": "vqvae-ckpt.pt", "vqvae-flexicubes": "vqvae-flexicubes-ckpt.pt",
               "ar-text": "text-condition-ckpt.pth", "ar-image": "image-condition-ckpt.pth"}
@@ -41,6 +45,9 @@ def _config(kind: str, cfg_path: Path):
         if cfg.condition != want:
             raise ConfigError(f"{kind} needs a config with condition: {want}, got {cfg.condition}")
         return cfg
+    if KINDS[kind][1] == "occupancy_vqvae":
+        model_part = {k: v for k, v in read_yaml(cfg_path).items() if k not in ("kind", "train")}
+        return from_dict(occupancy_vqvae.OccupancyVQVAEConfig, model_part, str(cfg_path))
     cfg = load_config(vqvae.VQVAEConfig, cfg_path)
     wanted = "flexicubes" if kind == "vqvae-flexicubes" else "nerf"
     if cfg.renderer_kind != wanted:
@@ -62,6 +69,15 @@ def load_official(kind: str, src, config=None):
             cfg = cfg if config else ar.sizes_from_official(state, cfg)
         except ConversionError as e:
             raise CheckpointError(f"{src}: {e}") from None
+    elif kind == "argus-stage1":
+        state = read_official_state(src, ("model",), "the tokenizer under 'model' (as in model_stage1.pt)")
+        build, convert = occupancy_vqvae.OccupancyVQVAE, occupancy_vqvae.convert_official
+    elif kind == "argus-stage2":
+        full = read_official_state(src, ("model",), "the model under 'model' (as in model_stage2.pt)")
+        state = {k[len("vqvae_model."):]: v for k, v in full.items() if k.startswith("vqvae_model.")}
+        if not state:
+            raise CheckpointError(f"{src}: no vqvae_model. tensors under 'model': not an Argus-3D stage-2 file")
+        build, convert = occupancy_vqvae.OccupancyVQVAE, occupancy_vqvae.convert_official
     else:
         state = read_official_state(src, what="a state dict of tensors (such as the official vqvae-ckpt.pt)")
         build, convert = vqvae.TriplaneVQVAE, vqvae.convert_official

@@ -4,6 +4,8 @@
     python scripts/precompute.py --data-dir data/shapes --vqvae checkpoints/vqvae \\
         [--image-encoder [DIR|HUB_ID]] [--text-encoder [DIR|HUB_ID]] \\
         [--split all|train|val] [--batch-size 8] [--device cpu|cuda] [--workers 2] [--overwrite]
+    # Argus-3D: the occupancy tokenizer's ids of each shape (occupancy_tokens.npz, field index)
+    python scripts/precompute.py --data-dir data/shapes --occupancy-vqvae runs/argus_small [--split train]
 
 Writes into each object's folder, under the official names (datasets.gbuffer.TOKEN_FILES and
 CONDITION_FILES), what GBufferDataset(mode="tokens") reads back:
@@ -41,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.precompute import precompute  # noqa: E402
+from datasets.precompute import precompute, precompute_occupancy_tokens  # noqa: E402
 from models.conditioners import DEFAULT_SOURCES  # noqa: E402
 from utils.cli import ArgumentParser, run  # noqa: E402
 
@@ -49,14 +51,19 @@ from utils.cli import ArgumentParser, run  # noqa: E402
 def main(argv=None):
     ap = ArgumentParser(description=__doc__)
     ap.add_argument("--data-dir", required=True, type=Path, help="G-buffer dataset root (with dataset.json)")
-    ap.add_argument("--vqvae", required=True, type=Path, help="VQVAE checkpoint folder (or .safetensors file)")
+    ap.add_argument("--vqvae", type=Path, help="VQVAE checkpoint folder (or .safetensors file)")
+    ap.add_argument("--occupancy-vqvae", type=Path,
+                    help="instead: an Argus-3D tokenizer; writes occupancy_tokens.npz (field index) per shape of "
+                         "--split (train unless given) of an occupancy dataset")
+    ap.add_argument("--inputs", type=int, default=30000, help="surface points per shape (--occupancy-vqvae)")
     ap.add_argument("--image-encoder", nargs="?", const=DEFAULT_SOURCES["image"],
                     help="image encoder (DINOv2 folder or hub id, mobilenet_v2, ...: models/conditioners.py); "
                          "writes the image embeddings")
     ap.add_argument("--text-encoder", nargs="?", const=DEFAULT_SOURCES["text"],
                     help="text encoder (CLIP folder or hub id, minilm, ...: models/conditioners.py); "
                          "writes the caption embeddings")
-    ap.add_argument("--split", choices=("all", "train", "val"), default="all")
+    ap.add_argument("--split", choices=("all", "train", "val", "test"), help="default: all (train with "
+                    "--occupancy-vqvae)")
     ap.add_argument("--holdout", type=int, default=100, help="objects per category in 'val' (as GBufferDataset)")
     ap.add_argument("--batch-size", type=int, default=8, help="objects per forward pass")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding the views")
@@ -67,8 +74,16 @@ def main(argv=None):
         raise ValueError("--batch-size must be at least 1 and --workers at least 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
-    print(precompute(args.data_dir, args.vqvae, args.image_encoder, args.text_encoder, args.split, args.holdout,
-                     args.batch_size, args.workers, args.device, args.overwrite))
+    if (args.vqvae is None) == (args.occupancy_vqvae is None):
+        raise ValueError("pass --vqvae (SAR3D tokens) or --occupancy-vqvae (Argus-3D tokens)")
+    if args.occupancy_vqvae is not None:
+        print(precompute_occupancy_tokens(args.data_dir, args.occupancy_vqvae, args.split or "train", args.inputs,
+                                          args.device, args.overwrite))
+        return 0
+    if args.split == "test":
+        raise ValueError("--split test: the G-buffer datasets have all, train and val")
+    print(precompute(args.data_dir, args.vqvae, args.image_encoder, args.text_encoder, args.split or "all",
+                     args.holdout, args.batch_size, args.workers, args.device, args.overwrite))
     return 0
 
 

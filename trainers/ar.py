@@ -39,6 +39,7 @@ NO_DECAY = ("pos_1LC", "pos_start", "lvl_embed", "scale_mul")
 @dataclass
 class TrainConfig(LoopConfig):
     """Defaults: the official recipe. The held-out objects' conditions make the sample renders."""
+    holdout: int = 5                 # last objects of each category kept out of training, for evaluation
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.05

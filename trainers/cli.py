@@ -10,9 +10,9 @@ from utils.lock import FolderLock
 
 
 def model_config(cfg) -> dict:
-    """The model part of a run config (everything but its `train:` section): what config.json
-    and the checkpoint metadata hold."""
-    return {k: v for k, v in to_dict(cfg).items() if k != "train"}
+    """The model part of a run config (everything but its `train:` section and the tokenizer
+    `kind`): what config.json and the checkpoint metadata hold."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in ("train", "kind")}
 
 
 def add_run_args(ap, set_example: str) -> None:

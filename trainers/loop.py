@@ -53,7 +53,6 @@ class LoopConfig:
     grad_accum: int = 1              # micro-batches per step and process
     max_steps: int = 100_000         # the learning-rate schedule's length
     seed: int = 0
-    holdout: int = 5                 # last objects of each category kept out of training, for evaluation
     warmup: float = 0.0              # trainers.schedule.lr_factor: share of max_steps warming up,
     hold: float = 1.0                # share of the rest held at the peak, then linear decay
     final_lr: float = 1.0            # ... to this multiple of each group's peak rate

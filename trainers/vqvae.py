@@ -14,6 +14,7 @@ processes, continues the same run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ from utils.metrics import psnr
 @dataclass
 class TrainConfig(LoopConfig):
     """Defaults: the official recipe where it applies (a constant learning rate: warmup 0, hold 1)."""
+    holdout: int = 5                 # last objects of each category kept out of training, for evaluation
     view_sets_per_object: int = 2    # samples per object: both encoder view sets (official), or 1, a
                                      # random one: twice the objects for the same work per step
     # optimiser groups (peak lr, weight decay)
@@ -96,6 +98,7 @@ class TrainConfig(LoopConfig):
 
 @dataclass
 class VQVAERunConfig(VQVAEConfig):
+    kind: Literal["triplane"] = "triplane"
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

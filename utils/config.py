@@ -152,7 +152,7 @@ def read_utf8(path: Path, where: str, error=ValueError) -> str:
                     "save the file as UTF-8") from None
 
 
-def _read_yaml(path: Path):
+def read_yaml(path: Path):
     """The YAML document of a config file: a mapping. An empty file, text that is not UTF-8,
     invalid YAML or another top level is a one-line ConfigError naming the file."""
     text = read_utf8(path, str(path), ConfigError)
@@ -177,7 +177,7 @@ def load_config(cls, path=None, overrides=()):
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = _read_yaml(path)
+        data = read_yaml(path)
         source = str(path)
     for item in overrides:
         if "=" not in item:

@@ -1,0 +1,115 @@
+"""train_vqvae.py with an Argus-3D config (kind: occupancy): exact resume, two gloo processes, the
+official converter kinds, and the loss falling, on the session's tiny dataset."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_vqvae
+from models.occupancy_vqvae import OccupancyVQVAE, OccupancyVQVAEConfig, load_occupancy_vqvae
+from utils.cli import run
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--config", str(ROOT / "configs/argus/tiny.yaml"), "--batch-size", "2", "--set", "train.save_every=1000"]
+
+
+def _train(data, out, steps, *extra) -> int:
+    with pytest.raises(SystemExit) as e:
+        run(lambda: train_vqvae.main([*FAST, "--data-dir", str(data), "--out-dir", str(out), "--max-steps", str(steps),
+                                      *extra]))
+    return e.value.code
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_resume_gives_the_weights_of_a_straight_run(shapes_root, tmp_path):
+    assert _train(shapes_root, tmp_path / "straight", 6) == 0
+    assert _train(shapes_root, tmp_path / "split", 6, "--stop-at", "3") == 0
+    assert _train(shapes_root, tmp_path / "split", 6, "--resume") == 0
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("straight", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in _log(tmp_path / "straight")] == [r["loss"] for r in _log(tmp_path / "split")]
+    model = load_occupancy_vqvae(tmp_path / "straight")
+    assert isinstance(model, OccupancyVQVAE) and model.cfg.plane_resolution == 32
+
+
+def test_two_processes_compute_the_losses_of_one(shapes_root, tmp_path):
+    common = [*FAST, "--batch-size", "4", "--max-steps", "3", "--data-dir", str(shapes_root)]
+    with pytest.raises(SystemExit):
+        run(lambda: train_vqvae.main([*common, "--out-dir", str(tmp_path / "one")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "train_vqvae.py"), *common, "--out-dir", str(tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        for k in ("loss", "occ", "vq"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+
+
+def test_the_occupancy_loss_falls(shapes_root, tmp_path):
+    assert _train(shapes_root, tmp_path / "run", 40, "--set", "train.lr=3e-3") == 0
+    log = _log(tmp_path / "run")
+    assert sum(r["occ"] for r in log[-5:]) < 0.8 * sum(r["occ"] for r in log[:5])
+
+
+class _RunsACommand:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_official_files_convert_strictly_and_never_run_their_payload(tmp_path, capsys):
+    from scripts.convert_official import main as convert
+    torch.manual_seed(0)
+    model = OccupancyVQVAE(OccupancyVQVAEConfig())
+    state = model.state_dict()
+    torch.save({"model": state, "epoch_it": 3}, tmp_path / "model_stage1.pt")
+    torch.save({"model": {**{f"vqvae_model.{k}": v for k, v in state.items()},
+                          "transformer_model.emb.weight": torch.zeros(4, 2)}, "it": 5}, tmp_path / "model_stage2.pt")
+    for kind, name in (("argus-stage1", "model_stage1.pt"), ("argus-stage2", "model_stage2.pt")):
+        assert convert(["--kind", kind, "--src", str(tmp_path / name), "--out", str(tmp_path / kind)]) == 0
+        loaded = load_occupancy_vqvae(tmp_path / kind)
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    marker = tmp_path / "ran"
+    gone = {k: v for k, v in state.items() if k != "decoder.fc_out.bias"}
+    torch.save({"model": gone, "args": _RunsACommand(marker)}, tmp_path / "bad.pt")
+    with pytest.raises(SystemExit) as e:
+        run(lambda: convert(["--kind", "argus-stage1", "--src", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "o")]))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "missing tensor 'decoder.fc_out.bias'" in err
+    assert not marker.exists()
+
+
+def test_evaluation_and_token_files_of_a_trained_tokenizer(shapes_root, tmp_path):
+    import shutil
+    import numpy as np
+    from datasets.occupancy import read_split
+    from scripts.eval_occupancy import main as evaluate
+    from scripts.precompute import main as precompute
+    assert _train(shapes_root, tmp_path / "run", 2) == 0
+    assert evaluate(["--ckpt", str(tmp_path / "run"), "--data-dir", str(shapes_root), "--split", "train",
+                     "--limit", "2", "--inputs", "128", "--out-dir", str(tmp_path / "eval")]) == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert len(results["per_shape"]) == 2 and 0 <= results["mean"]["iou"] <= 1
+    assert set(results["mean"]) == {"iou", "chamfer_l1", "normal_consistency", "fscore"}
+    data = Path(shutil.copytree(shapes_root, tmp_path / "data"))
+    args = ["--data-dir", str(data), "--occupancy-vqvae", str(tmp_path / "run"), "--inputs", "128"]
+    assert precompute(args) == 0
+    shape = read_split(data, "box", "train")[0]
+    first = np.load(data / "box" / shape / "occupancy_tokens.npz")["index"]
+    assert first.shape == (OccupancyVQVAEConfig(**{k: v for k, v in json.loads(
+        (tmp_path / "run" / "config.json").read_text()).items() if k != "kind"}).num_tokens,)
+    assert precompute([*args, "--overwrite"]) == 0              # the same draw: the same ids
+    assert np.array_equal(np.load(data / "box" / shape / "occupancy_tokens.npz")["index"], first)
