@@ -232,7 +232,7 @@ def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit) as e:
         train_vqvae.main(["--help"])
     out = capsys.readouterr().out
-    assert e.value.code == 0 and "(default: train.max_steps)" in out and "Train the multi-scale" in out
+    assert e.value.code == 0 and "(default: train.max_steps)" in out and "Train a tokenizer" in out
     assert "default: None" not in out
 
 
