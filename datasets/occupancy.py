@@ -128,6 +128,11 @@ def list_categories(root) -> list:
     return cats
 
 
+def subsample(n: int, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Indices of k of n items drawn without replacement (all n, in order, when k >= n)."""
+    return torch.randperm(n, generator=generator)[:k] if k < n else torch.arange(n)
+
+
 class OccupancyDataset(torch.utils.data.Dataset):
     """Shapes of an ONet-layout dataset, for occupancy tokenizers (Argus-3D stage 1).
 
@@ -171,8 +176,7 @@ class OccupancyDataset(torch.utils.data.Dataset):
             log.warning("skipping damaged shape (%d so far): %s", self.num_skipped, e)
             return None
         # torch's RNG, which DataLoader seeds differently in every worker.
-        pick = lambda n, k: torch.randperm(n)[:k] if k < n else torch.arange(n)
-        qi, si = pick(len(pts), self.num_points), pick(len(surf), self.pointcloud_n)
+        qi, si = subsample(len(pts), self.num_points), subsample(len(surf), self.pointcloud_n)
         points = torch.from_numpy(pts)[qi]
         if half and self.float16_noise:  # ONet: float16 files get 1e-4 noise against the quantisation grid
             points = points + self.float16_noise * torch.randn_like(points)

@@ -196,7 +196,7 @@ def precompute_occupancy_tokens(data_dir, ckpt, split: str = "train", inputs: in
     """The Argus-3D tokenizer's token ids of every shape of an occupancy dataset's `split`, in
     each shape's folder as OCCUPANCY_TOKENS ({'index': (L²,) int64}); the input points are drawn
     from the shape's position in the split, so reruns write the same ids."""
-    from datasets.occupancy import OccupancyDataset
+    from datasets.occupancy import OccupancyDataset, subsample
     from models.occupancy_vqvae import load_occupancy_vqvae
     model = load_occupancy_vqvae(ckpt, device)
     ds = OccupancyDataset(data_dir, split, num_points=1, pointcloud_n=1 << 30, noise=0.0, float16_noise=0.0)
@@ -208,7 +208,7 @@ def precompute_occupancy_tokens(data_dir, ckpt, split: str = "train", inputs: in
             done += 1
             continue
         surface = ds[i]["inputs"]
-        pick = torch.randperm(len(surface), generator=torch.Generator().manual_seed(i))[:inputs]
+        pick = subsample(len(surface), inputs, torch.Generator().manual_seed(i))
         ids = model.tokenize(surface[pick][None].to(device))[0].cpu().numpy().astype(np.int64)
         tmp = out.with_name(out.name + ".tmp.npz")
         np.savez(tmp, index=ids)

@@ -255,9 +255,10 @@ class OccupancyVQVAE(nn.Module):
         zq = self.quantizer.quantizer.embedding(ids).reshape(ids.shape[0], L, L, -1)
         return self.quantizer.decode(zq)
 
-    def query(self, planes: dict, points: torch.Tensor) -> torch.Tensor:
-        """Occupancy logits (B, N) of the decoded planes at points (B, N, 3)."""
-        return self.decoder(points, planes)
+    def query(self, planes: dict, points: torch.Tensor, chunk: int = 100_000) -> torch.Tensor:
+        """Occupancy logits (B, N) of the decoded planes at points (B, N, 3), `chunk` points at a
+        time (the memory of a dense grid's query stays bounded)."""
+        return torch.cat([self.decoder(p, planes) for p in points.split(chunk, dim=1)], 1)
 
     def forward(self, points: torch.Tensor, queries: torch.Tensor) -> tuple:
         """Training pass: surface points (B, T, 3), query points (B, N, 3) -> (logits (B, N), VQ

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.occupancy import ZUP_TO_YUP, OccupancyDataset  # noqa: E402
+from datasets.occupancy import ZUP_TO_YUP, OccupancyDataset, subsample  # noqa: E402
 from evaluation.occupancy import surface_metrics, volumetric_iou  # noqa: E402
 from models.occupancy_vqvae import load_occupancy_vqvae  # noqa: E402
 from renderers.mesh_render import ColoredMesh, render_views, sample_surface  # noqa: E402
@@ -54,10 +54,9 @@ def side_by_side(obj_dir: Path, verts_yup: np.ndarray, faces: np.ndarray, res: i
 def evaluate_shape(model, sample: dict, inputs: int, seed: int, device) -> tuple:
     g = torch.Generator().manual_seed(seed)
     surface = sample["inputs"]
-    pick = torch.randperm(len(surface), generator=g)[:inputs]
-    planes = model.decode_tokens(model.tokenize(surface[pick][None].to(device)))
+    planes = model.decode_tokens(model.tokenize(surface[subsample(len(surface), inputs, g)][None].to(device)))
     logits_fn = lambda pts: model.query(planes, torch.as_tensor(pts, device=device)[None])[0].cpu()
-    pred = torch.cat([logits_fn(chunk) for chunk in sample["points"].split(100_000)]).numpy()
+    pred = logits_fn(sample["points"]).numpy()
     scores = {"iou": volumetric_iou(pred >= logit_threshold(0.2), sample["occ"].numpy() > 0.5)}
     verts, faces = extract_occupancy_mesh(logits_fn)
     if len(faces):

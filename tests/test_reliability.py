@@ -20,34 +20,17 @@ import torch
 import sample
 from datasets.errors import DatasetError
 from datasets.gbuffer import TOKEN_FILES, load_index, read_npy, read_precomputed
-from models.ar import ARConfig, NextScaleAR, load_ar
-from models.vqvae import TriplaneVQVAE, VQVAEConfig
+from models.ar import load_ar
+from models.vqvae import VQVAEConfig
 from pipelines.sar3d import load_image
 from tests.test_conditioners import save_tiny_bert
+from tests.test_sample import models  # noqa: F401  (the tiny VQVAE and text generator, shared)
 from utils.checkpoint import CheckpointError, load_built, save_model
 from utils.cli import run
-from utils.config import ConfigError, load_config, to_dict
+from utils.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 UNSAFE = ("weights_only", "allow_pickle", "unsafe", "trust", "safe_globals")
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """A tiny random VQVAE, a tiny text generator over its tokens and the tiny BERT it reads."""
-    root = tmp_path_factory.mktemp("models")
-    bert = save_tiny_bert(root / "bert")
-    torch.manual_seed(0)
-    vcfg = load_config(VQVAEConfig, ROOT / "configs" / "vqvae" / "tiny.yaml")
-    vq = TriplaneVQVAE(vcfg)
-    with torch.no_grad():
-        vq.renderer.decoder.net[-1].bias[0] = 30.0           # an occupied box: there is a surface
-    save_model(root / "vqvae", vq.state_dict(), to_dict(vcfg), "vqvae")
-    acfg = ARConfig(condition="text", depth=1, width=32, num_heads=2, pooled_dim=16, seq_dim=16,
-                    cross_attn="after_self", patch_nums=vcfg.quantizer.patch_nums,
-                    vocab_size=vcfg.quantizer.vocab_size, c_vae=vcfg.quantizer.c_vae, encoder=str(bert))
-    save_model(root / "ar", NextScaleAR(acfg).state_dict(), to_dict(acfg), "ar")
-    return root
 
 
 def one_line(capsys, main) -> str:

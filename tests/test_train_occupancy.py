@@ -62,16 +62,9 @@ def test_the_occupancy_loss_falls(shapes_root, tmp_path):
     assert sum(r["occ"] for r in log[-5:]) < 0.8 * sum(r["occ"] for r in log[:5])
 
 
-class _RunsACommand:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_official_files_convert_strictly_and_never_run_their_payload(tmp_path, capsys):
     from scripts.convert_official import main as convert
+    from tests.test_ar import _RunsACommand
     torch.manual_seed(0)
     model = OccupancyVQVAE(OccupancyVQVAEConfig())
     state = model.state_dict()

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from datasets.occupancy import OccupancyDataset
+from datasets.occupancy import OccupancyDataset, subsample
 from evaluation.occupancy import volumetric_iou as iou
 from models.occupancy_vqvae import OccupancyVQVAE, OccupancyVQVAEConfig
 from trainers.cli import model_config
@@ -59,8 +59,7 @@ def collate(samples: list) -> dict:
 def draw(t: TrainConfig, g: torch.Generator, points, occ, surface) -> tuple:
     """One object's training sample: (inputs (pointcloud_n, 3), queries (num_points, 3) with
     ONet's 1e-4 jitter, labels (num_points,))."""
-    pick = lambda n, k: torch.randperm(n, generator=g)[:k] if k < n else torch.arange(n)
-    qi, si = pick(len(points), t.num_points), pick(len(surface), t.pointcloud_n)
+    qi, si = subsample(len(points), t.num_points, g), subsample(len(surface), t.pointcloud_n, g)
     inputs = surface[si] + t.noise * torch.randn(len(si), 3, generator=g)
     queries = points[qi] + 1e-4 * torch.randn(len(qi), 3, generator=g)
     return inputs, queries, occ[qi]
@@ -78,8 +77,7 @@ def volumetric_iou(model: OccupancyVQVAE, ds: OccupancyDataset, t: TrainConfig, 
         s = ds[i]
         inputs, _, _ = draw(t, seeded_generator(t.seed, i), s["points"], s["occ"], s["inputs"])
         planes = model.decode_tokens(model.tokenize(inputs[None].to(device)))
-        pred = torch.cat([model.query(planes, chunk[None].to(device))[0].cpu()
-                          for chunk in s["points"].split(100_000)]) >= tau
+        pred = model.query(planes, s["points"][None].to(device))[0].cpu() >= tau
         scores.append(iou(pred.numpy(), s["occ"].numpy() > 0.5))
     model.train(was_training)
     return sum(scores) / len(scores)
