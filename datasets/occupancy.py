@@ -9,6 +9,7 @@ surface inside [-0.5, 0.5], query points inside [-0.55, 0.55].
 |---|---|
 | points.npz | points (N, 3) float16/32; occupancies (ceil(N / 8),) uint8 = np.packbits(occ); loc (3,); scale () |
 | pointcloud.npz | points (M, 3) and normals (M, 3) float16/32; loc (3,); scale () |
+| occupancy_tokens.npz | index (L²,) int64: an Argus-3D tokenizer's ids (scripts/precompute.py) |
 
 `loc` and `scale` record the normalisation: original = points * scale + loc.
 """
@@ -25,6 +26,7 @@ import yaml
 from datasets.errors import DatasetError, log
 
 SPLITS = ("train", "val", "test")
+OCCUPANCY_TOKENS = "occupancy_tokens.npz"   # field `index` (L²,) int64: scripts/precompute.py, the official stage-2 input
 # The G-buffer world is +z up; ONet's is +y up: a rotation of -90 degrees about x.
 ZUP_TO_YUP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
 
@@ -185,3 +187,45 @@ class OccupancyDataset(torch.utils.data.Dataset):
         return {"points": points, "occ": torch.from_numpy(occ)[qi].float(),
                 "inputs": inputs, "normals": torch.from_numpy(nrm)[si],
                 "category": ci, "model": model, "path": str(d)}
+
+
+class OccupancyTokenDataset(torch.utils.data.Dataset):
+    """The token ids of a split (OCCUPANCY_TOKENS, written by scripts/precompute.py
+    --occupancy-vqvae), for the raster-order generator: tokens (L²,) int64, category (index
+    into self.categories) and, for `condition` image or text, the pooled embedding the G-buffer
+    files beside it hold (datasets/gbuffer.py CONDITION_FILES)."""
+
+    def __init__(self, root, split: str = "train", condition: str | None = None):
+        from datasets.gbuffer import CONDITION_FILES
+        self.root, self.condition = Path(root), condition
+        self.categories = list_categories(self.root)
+        self.items = [(cat, m, ci) for ci, cat in enumerate(self.categories) for m in read_split(self.root, cat, split)]
+        if not self.items:
+            raise DatasetError(self.root, f"split '{split}' lists no shapes")
+        missing = [self.root / c / m / OCCUPANCY_TOKENS for c, m, _ in self.items
+                   if not (self.root / c / m / OCCUPANCY_TOKENS).is_file()]
+        if missing:
+            raise DatasetError(missing[0], f"missing token ids ({len(missing)} of {len(self.items)} shapes of "
+                               f"'{split}'): run scripts/precompute.py --data-dir {self.root} --occupancy-vqvae "
+                               f"TOKENIZER --split {split}")
+        self.pooled_file = None
+        if condition is not None:
+            files = CONDITION_FILES[condition]
+            self.pooled_file = files.get("pooled") or files["tokens_and_pooled"]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        cat, model, ci = self.items[i]
+        d = self.root / cat / model
+        out = {"tokens": torch.from_numpy(_load_npz(d / OCCUPANCY_TOKENS, ["index"])["index"].astype(np.int64)),
+               "category": ci}
+        if self.pooled_file is not None:
+            try:
+                pooled = np.load(d / self.pooled_file, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise DatasetError(d / self.pooled_file, f"missing or unreadable {self.condition} embedding ({e}); "
+                                   f"run scripts/precompute.py with --{self.condition}-encoder") from None
+            out["pooled"] = torch.from_numpy(pooled.reshape(-1, pooled.shape[-1])[0].astype(np.float32))
+        return out

@@ -35,15 +35,17 @@ OUTPUT_FILES = {"tokens": tuple(TOKEN_FILES.values()),
                 "text": tuple(CONDITION_FILES["text"].values())}
 
 
-def read_tokenizer_record(root) -> dict | None:
-    """The signature of the VQVAE whose tokens a dataset holds (TOKENIZER_FILE), or None when the
-    tokens came from elsewhere (the official release)."""
-    path = Path(root) / TOKENIZER_FILE
+def read_tokenizer_record(root, name: str = TOKENIZER_FILE) -> dict | None:
+    """The signature of the tokenizer whose tokens a dataset holds (TOKENIZER_FILE for the SAR3D
+    VQVAE, OCCUPANCY_TOKENIZER_FILE for the Argus-3D one), or None when the tokens came from
+    elsewhere (the official release)."""
+    path = Path(root) / name
     if not path.is_file():
         return None
     try:
         record = json.loads(path.read_text())
-        if not isinstance(record, dict) or not {"patch_nums", "vocab_size", "c_vae", "fingerprint"} <= set(record):
+        if not isinstance(record, dict) or not {"vocab_size", "fingerprint"} <= set(record) or not (
+                {"patch_nums", "c_vae"} <= set(record) or "num_tokens" in record):
             raise ValueError("missing keys")
     except (ValueError, UnicodeDecodeError) as e:
         raise DatasetError(path, f"not a tokenizer record ({e}); delete it and rerun scripts/precompute.py "
@@ -187,7 +189,7 @@ def precompute(data_dir, vqvae_dir, image_encoder=None, text_encoder=None, split
     return f"wrote {len(jobs)} objects ({done} already done) under {data_dir}: {', '.join(sorted(wanted))}"
 
 
-OCCUPANCY_TOKENS = "occupancy_tokens.npz"       # field `index` (L²,) int64: the official stage-2 input
+OCCUPANCY_TOKENIZER_FILE = "occupancy_tokenizer.json"
 
 
 @torch.no_grad()
@@ -196,9 +198,15 @@ def precompute_occupancy_tokens(data_dir, ckpt, split: str = "train", inputs: in
     """The Argus-3D tokenizer's token ids of every shape of an occupancy dataset's `split`, in
     each shape's folder as OCCUPANCY_TOKENS ({'index': (L²,) int64}); the input points are drawn
     from the shape's position in the split, so reruns write the same ids."""
-    from datasets.occupancy import OccupancyDataset, subsample
+    from datasets.occupancy import OCCUPANCY_TOKENS, OccupancyDataset, subsample
     from models.occupancy_vqvae import load_occupancy_vqvae
     model = load_occupancy_vqvae(ckpt, device)
+    signature = {**tokenizer_signature(model.quantizer), "source": str(ckpt)}
+    record = read_tokenizer_record(data_dir, OCCUPANCY_TOKENIZER_FILE)
+    if record is not None and not overwrite and record["fingerprint"] != signature["fingerprint"]:
+        raise ValueError(f"the occupancy tokens in {data_dir} were written by another tokenizer "
+                         f"({record.get('source', '?')}) than {ckpt}; pass --overwrite to recompute every shape's tokens")
+    (Path(data_dir) / OCCUPANCY_TOKENIZER_FILE).write_text(json.dumps(signature, indent=1) + "\n")
     ds = OccupancyDataset(data_dir, split, num_points=1, pointcloud_n=1 << 30, noise=0.0, float16_noise=0.0)
     done = 0
     for i in tqdm(range(len(ds)), desc="occupancy tokens", unit="shape", dynamic_ncols=True):

@@ -77,28 +77,33 @@ def object_sequence(per_scale: list, b: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- tokenizer ↔ generator
 
 def tokenizer_signature(quantizer) -> dict:
-    """What a generator must agree on with the tokenizer whose ids it models: the scales, the
-    vocabulary, the code width, and a fingerprint of the quantizer's weights (codebook and
-    residual convolutions), which changes whenever the meaning of an id does. A decoder fine-tuned
-    with the quantizer frozen keeps the fingerprint."""
+    """What a generator must agree on with the tokenizer whose ids it models: the token layout
+    (SAR3D: the scales and the code width; Argus-3D: the number of tokens), the vocabulary, and a
+    fingerprint of the quantizer's weights (SAR3D: codebook and residual convolutions; Argus-3D:
+    codebook and the way back to planes), which changes whenever the meaning of an id does. A
+    decoder fine-tuned with the quantizer frozen keeps the fingerprint."""
     h = hashlib.sha256()
     for name, p in sorted(quantizer.named_parameters()):      # not the usage statistics (buffers)
         h.update(name.encode())
         h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return {"patch_nums": list(quantizer.patch_nums), "vocab_size": int(quantizer.vocab_size),
-            "c_vae": int(quantizer.c_vae), "fingerprint": h.hexdigest()[:16]}
+    if hasattr(quantizer, "patch_nums"):
+        layout = {"patch_nums": list(quantizer.patch_nums), "c_vae": int(quantizer.c_vae)}
+    else:
+        layout = {"num_tokens": int(quantizer.num_tokens)}
+    return {**layout, "vocab_size": int(quantizer.vocab_size), "fingerprint": h.hexdigest()[:16]}
 
 
 def check_pair(tokenizer: dict, generator: dict, tokenizer_name: str, generator_name: str,
                hint: str = "pass the VQVAE whose tokens it was trained on") -> None:
-    """Raise one ValueError naming both when `generator` (a generator config with patch_nums,
-    vocab_size, c_vae and optionally tokenizer, the signature of the tokenizer it was trained on)
-    does not fit `tokenizer` (a tokenizer_signature). A missing fingerprint on either side
-    (official files, older checkpoints) checks the shapes only."""
-    for key in ("patch_nums", "vocab_size", "c_vae"):
-        a, b = tokenizer[key], generator[key]
+    """Raise one ValueError naming both when `generator` (a generator config with the layout keys
+    of `tokenizer`, vocab_size and optionally tokenizer, the fingerprint of the tokenizer it was
+    trained on) does not fit `tokenizer` (a tokenizer_signature). A missing fingerprint on either
+    side (official files, older checkpoints) checks the shapes only."""
+    keys = ("patch_nums", "vocab_size", "c_vae") if "patch_nums" in tokenizer else ("num_tokens", "vocab_size")
+    for key in keys:
+        a, b = tokenizer[key], generator.get(key)
         if key == "patch_nums":
-            a, b = list(a), list(b)
+            a, b = list(a), list(b or ())
         if a != b:
             raise ValueError(f"{generator_name} does not fit {tokenizer_name}: {key} {b} in the generator, "
                              f"{a} in the tokenizer; {hint}")

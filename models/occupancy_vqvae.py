@@ -199,6 +199,7 @@ class PlaneQuantizer(nn.Module):
 
     def __init__(self, cfg: OccupancyVQVAEConfig):
         super().__init__()
+        self.num_tokens, self.vocab_size = cfg.num_tokens, cfg.n_e      # for models.layout.tokenizer_signature
         c, P = cfg.c_dim, len(PLANES)
         self.encode_3plane_reso32 = nn.Sequential(nn.Conv2d(P * c, P * c, 3, padding=1), nn.ReLU(),
                                                   nn.Conv2d(P * c, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 1))

@@ -239,8 +239,8 @@ def test_help_shows_the_defaults(capsys):
 # ----------------------------------------------------------------------------- the pieces
 
 def _save(out: Path, step: int, model: torch.nn.Module) -> None:
-    save_train_state(out, step, {"model": model.state_dict()}, {"model": torch.optim.AdamW(model.parameters())},
-                     {"note": step})
+    opt = torch.optim.AdamW(model.parameters())
+    save_train_state(out, step, {"model": model.state_dict()}, {"model": opt.state_dict()}, {"note": step})
 
 
 class _Killed(BaseException):
@@ -346,7 +346,7 @@ def test_a_state_json_missing_a_key_is_one_line(tmp_path):
     opt = torch.optim.AdamW(model.parameters())
     model(torch.ones(1, 2)).sum().backward()
     opt.step()
-    save_train_state(tmp_path, 3, {"model": model.state_dict()}, {"model": opt}, {"config": {}})
+    save_train_state(tmp_path, 3, {"model": model.state_dict()}, {"model": opt.state_dict()}, {"config": {}})
     path = tmp_path / "train_state" / "state.json"
     meta = json.loads(path.read_text())
     del meta["optimizers"]

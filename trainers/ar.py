@@ -201,5 +201,5 @@ class ARTrainer(Trainer):
             Image.fromarray(to_uint8(grid)).save(self.out_dir / "samples" / f"step_{step:07d}.png")
             self.model.train()
 
-    def save_weights(self) -> None:
-        save_model(self.out_dir, self.model.state_dict(), model_config(self.cfg), kind="ar")
+    def save_weights(self, states: dict) -> None:
+        save_model(self.out_dir, states["model"], model_config(self.cfg), kind="ar")

@@ -5,6 +5,9 @@ in the environment) the process group uses NCCL on CUDA and gloo on the CPU, so 
 command runs on a laptop:
 
     torchrun --standalone --nproc_per_node 2 train_vqvae.py ...
+
+Models too large for one device are sharded with FSDP2 (`shard`); `WholeModel` and
+`WholeOptimizer` show such a model and its optimizer whole to the checkpoint code.
 """
 from __future__ import annotations
 
@@ -89,3 +92,50 @@ def autocast_factory(amp: str, device: torch.device):
     if precision(amp, device) == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext
+
+
+def shard(module: torch.nn.Module, units, precision_name: str) -> None:
+    """FSDP2 in place: each of `units` (the blocks) sharded on its own, then the rest. In bf16,
+    the parameters are gathered in bf16 and the gradients reduced in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if precision_name == "bf16" else MixedPrecisionPolicy()
+    for unit in units:
+        fully_shard(unit, mp_policy=policy)
+    fully_shard(module, mp_policy=policy)
+
+
+def _whole():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+class WholeModel:
+    """A sharded model's full state dict: gathered by every process (the main one receives
+    it, on the CPU), and loaded from a full state dict that every process has read."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        return get_model_state_dict(self.model, options=_whole())
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
+
+
+class WholeOptimizer:
+    """The optimizer of a sharded model, its state keyed by parameter name, as WholeModel."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        return get_optimizer_state_dict(self.model, self.optimizer, options=_whole())
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -57,6 +57,8 @@ class LoopConfig:
     hold: float = 1.0                # share of the rest held at the peak, then linear decay
     final_lr: float = 1.0            # ... to this multiple of each group's peak rate
     grad_clip: float = 1.0
+    parallel: str = "ddp"            # several processes: ddp (replicas) or fsdp (sharded parameters,
+                                     # gradients and optimizer states; trainers that support it)
     amp: str = "auto"                # auto: bf16 autocast on CUDA and on CPUs with bf16 instructions; none; bf16
     num_workers: int = 2
     log_every: int = 10
@@ -78,6 +80,8 @@ class Trainer:
 
     name = "train"
     postfix = ("loss",)              # logs shown on the progress bar
+    collective_eval = False          # evaluate() runs on every process (a sharded model's forward needs all)
+    sharded = False                  # set by wrap() under FSDP
 
     def __init__(self, cfg, out_dir):
         self.cfg, self.t, self.out_dir = cfg, cfg.train, Path(out_dir)
@@ -90,9 +94,19 @@ class Trainer:
                              f"process(es) x {self.t.grad_accum} micro-batch(es)")
         self.objects_per_rank = self.t.batch_size // self.d.world_size
 
-    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        """`module` under DDP when there are several processes."""
+    def wrap(self, module: torch.nn.Module, units=None) -> torch.nn.Module:
+        """`module` under DDP when there are several processes; with train.parallel fsdp (for a
+        trainer that passes its `units`, the blocks to shard one by one) sharded in place by
+        FSDP2, before the optimizer is built. Returns the module whose forward trains."""
+        if self.t.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"train.parallel must be ddp or fsdp, got {self.t.parallel!r}")
+        if self.t.parallel == "fsdp" and units is None:
+            raise ValueError(f"train.parallel fsdp: {self.name} shards no model; use ddp")
         if not self.d.enabled:
+            return module
+        if self.t.parallel == "fsdp":
+            self.sharded = True
+            distributed.shard(module, units, distributed.precision(self.t.amp, self.device))
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
@@ -113,13 +127,17 @@ class Trainer:
     def tensorboard(self, step: int, writer) -> None:
         """Extra TensorBoard scalars, on the steps whose logs go there."""
 
-    def save_weights(self) -> None:
-        """The weights other tools read (OUT/model.safetensors + config.json)."""
+    def save_weights(self, states: dict) -> None:
+        """The weights other tools read (OUT/model.safetensors + config.json), from `states`,
+        the state dicts of the modules of `stateful` (whole, also under FSDP)."""
         raise NotImplementedError
 
     def stateful(self) -> tuple[dict, dict, dict]:
         """({part: object with state_dict/load_state_dict}, {part: optimizer}, {JSON-able extras})
         for OUT/train_state."""
+        if self.sharded:
+            return ({"model": distributed.WholeModel(self.model)},
+                    {"model": distributed.WholeOptimizer(self.model, self.optimizer)}, {})
         return {"model": self.model}, {"model": self.optimizer}, {}
 
     def restore(self, meta: dict) -> None:
@@ -139,11 +157,12 @@ class Trainer:
         return meta["step"]
 
     def save(self, step: int) -> None:
+        modules, optimizers, extra = self.stateful()
+        states = {k: m.state_dict() for k, m in modules.items()}        # every process: FSDP gathers here
+        opt_states = {k: o.state_dict() for k, o in optimizers.items()}
         if self.d.is_main:
-            self.save_weights()
-            modules, optimizers, extra = self.stateful()
-            save_train_state(self.out_dir, step, {k: m.state_dict() for k, m in modules.items()}, optimizers,
-                             {**extra, "config": to_dict(self.cfg)})
+            self.save_weights(states)
+            save_train_state(self.out_dir, step, states, opt_states, {**extra, "config": to_dict(self.cfg)})
         distributed.barrier(self.d)
 
 
@@ -217,7 +236,8 @@ def _step(trainer: Trainer, batch: dict, step: int) -> tuple[dict, float, float]
     for m in range(t.grad_accum):
         mb = {k: v[m * per_micro:(m + 1) * per_micro] for k, v in batch.items()}
         last_micro = m == t.grad_accum - 1
-        with nullcontext() if (not d.enabled or last_micro) else trainer.forward.no_sync():
+        sync = not d.enabled or last_micro or trainer.sharded        # FSDP reduces every micro-batch
+        with nullcontext() if sync else trainer.forward.no_sync():
             for k, v in trainer.train_step(mb, step, 1 / t.grad_accum).items():
                 logs[k] = logs.get(k, 0.0) + v / t.grad_accum
     grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), t.grad_clip)
@@ -250,7 +270,10 @@ def _train(trainer: Trainer, resume: bool, stop_at: int | None, stop: StopSignal
     run_log = RunLog(trainer.out_dir, d.is_main, trainer.name, step, t.max_steps, t.batch_size, t.log_every)
     t0, stopping = time.time(), False
     trainer.model.train()
-    for batch in loader:
+    rng = torch.get_rng_state()          # starting the loader draws its workers' seed: keep the stream of
+    batches = iter(loader)               # the dropout draws where a straight run has it, for an exact resume
+    torch.set_rng_state(rng)
+    for batch in batches:
         logs, grad_norm, factor = _step(trainer, batch, step)
         step += 1
         logs["_stop"] = float(stop.signum is not None)       # averaged with the logs: > 0 if any process got one
@@ -261,7 +284,7 @@ def _train(trainer: Trainer, resume: bool, stop_at: int | None, stop: StopSignal
         logs.update(grad_norm=grad_norm, lr=opt.param_groups[0]["lr"], lr_factor=factor)
         if run_log.step(step, logs, {k: f"{logs[k]:.4f}" for k in trainer.postfix}):
             trainer.tensorboard(step, run_log.writer)
-        if d.is_main:
+        if d.is_main or (trainer.collective_eval and trainer.sharded):
             trainer.evaluate(step, step == end, run_log)
         if due(step, t.save_every, step == end) or stopping:
             trainer.save(step)

@@ -120,5 +120,5 @@ class OccupancyTrainer(Trainer):
         run_log.metrics(step, {"val_iou": iou, "train_occ": run_log.history[-1]["occ"]},
                         f"step {step}: held-out volumetric IoU {iou:.3f}")
 
-    def save_weights(self) -> None:
-        save_model(self.out_dir, self.model.state_dict(), model_config(self.cfg), kind="occupancy_vqvae")
+    def save_weights(self, states: dict) -> None:
+        save_model(self.out_dir, states["model"], model_config(self.cfg), kind="occupancy_vqvae")

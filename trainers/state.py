@@ -65,9 +65,8 @@ class EMA:
             self.shadow[k].copy_(state[k])
 
 
-def _flatten_optimizer(opt: torch.optim.Optimizer, prefix: str):
-    """Optimizer state -> ({name: tensor}, JSON-able rest)."""
-    sd = opt.state_dict()
+def _flatten_optimizer(sd: dict, prefix: str):
+    """An optimizer's state dict -> ({name: tensor}, JSON-able rest)."""
     tensors, scalars = {}, {}
     for pid, st in sd["state"].items():
         for name, v in st.items():
@@ -83,11 +82,16 @@ def _unflatten_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict, 
     for key, v in tensors.items():
         if key.startswith(prefix + "/"):
             pid, name = key[len(prefix) + 1:].split("/", 1)
-            state.setdefault(int(pid), {})[name] = v
+            state.setdefault(_param_id(pid), {})[name] = v
     for key, v in meta["scalars"].items():
         pid, name = key.split("/", 1)
-        state.setdefault(int(pid), {})[name] = v
+        state.setdefault(_param_id(pid), {})[name] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _param_id(pid: str):
+    """Optimizer states are keyed by parameter number, or by parameter name for a sharded model."""
+    return int(pid) if pid.isdigit() else pid
 
 
 def _crash_point(stage: str, step: int) -> None:
@@ -183,7 +187,7 @@ def settle_train_state(out_dir) -> None:
 
 
 def save_train_state(out_dir, step: int, modules: dict, optimizers: dict, extra: dict) -> None:
-    """modules: {part: state dict}; optimizers: {part: optimizer}; extra: JSON-able values.
+    """modules: {part: state dict}; optimizers: {part: optimizer state dict}; extra: JSON-able values.
     Written beside the previous state and switched in (module docstring): a crash at any point
     leaves a complete state to resume from."""
     final, tmp, old = _paths(out_dir)
@@ -191,8 +195,8 @@ def save_train_state(out_dir, step: int, modules: dict, optimizers: dict, extra:
     settle_train_state(out_dir)
     tensors = {f"{part}/{k}": v.detach().cpu().contiguous() for part, sd in modules.items() for k, v in sd.items()}
     opt_meta = {}
-    for part, opt in optimizers.items():
-        t, opt_meta[part] = _flatten_optimizer(opt, f"opt_{part}")
+    for part, sd in optimizers.items():
+        t, opt_meta[part] = _flatten_optimizer(sd, f"opt_{part}")
         tensors.update({k: v.cpu().contiguous() for k, v in t.items()})
     tensors["rng/torch"] = torch.get_rng_state()
     if torch.cuda.is_available():

@@ -422,9 +422,9 @@ class VQVAETrainer(Trainer):
         run_log.metrics(step, {"val_psnr": value, "train_l1": run_log.history[-1]["l1"]},
                         f"step {step}: held-out PSNR {value:.2f} dB")
 
-    def save_weights(self) -> None:
-        save_model(self.out_dir, self.model.state_dict(), model_config(self.cfg), kind="vqvae")
-        save_model(self.out_dir / "ema", self.ema.state_dict(), model_config(self.cfg), kind="vqvae")
+    def save_weights(self, states: dict) -> None:
+        save_model(self.out_dir, states["model"], model_config(self.cfg), kind="vqvae")
+        save_model(self.out_dir / "ema", states["ema"], model_config(self.cfg), kind="vqvae")
 
     def stateful(self):
         return ({"model": self.model, "ema": self.ema, "disc": self.disc}, {"model": self.optimizer, "disc": self.opt_d},
