@@ -1,14 +1,19 @@
 #!/usr/bin/env python
-"""Text- or image-to-3D: condition encoder -> next-scale generator -> VQVAE triplane -> mesh,
-turntable and preview.
+"""Text- or image-to-3D with SAR3D (condition encoder -> next-scale generator -> VQVAE triplane),
+or class-guided 3D with Argus-3D (raster-order generator -> occupancy planes -> MISE mesh); then
+mesh, turntable and preview.
 
     python sample.py --prompt "a red torus"
     python sample.py --prompts test_files/test_text.json --num-samples 2 --seed 1
     python sample.py --image test_files/images/            # a file or a folder of images
     python sample.py --official --prompt "a wooden chair"  # the official weights in checkpoints/
+    python sample.py --cate torus --batch-size 16          # Argus-3D: the demo's class-guided model
+    python sample.py --cate chair --batch-size 16 --ar checkpoints/argus/generator \
+        --vqvae checkpoints/argus/tokenizer                # the released model, converted
 
-With no model arguments it runs the embedded demo model in checkpoints/demo (README: what it is
-and is not). --vqvae and --ar take our checkpoint folders, or an official checkpoint file, which
+With no model arguments it runs the embedded demo models in checkpoints/demo (README: what they
+are and are not). --cate, --model argus or an Argus-3D generator given as --ar picks Argus-3D
+(pipelines/argus.py: its sampling defaults are the official top-k 250, no guidance). --vqvae and --ar take our checkpoint folders, or an official checkpoint file, which
 is converted on the fly (scripts/convert_official.py does it once). The work is done by
 pipelines.SAR3DPipeline; this file only reads the inputs and writes the outputs. Per object, in
 OUTPUT_DIR/<input name>_<sample>/: mesh.glb (--formats), turntable.mp4 and .gif, preview.png and
@@ -29,8 +34,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from pipelines.argus import ArgusPipeline, ArgusSampling  # noqa: E402
 from pipelines.sar3d import (MAX_SAMPLES, MESH_FORMATS, OFFICIAL_DIR, SamplingConfig, SAR3DPipeline,  # noqa: E402
                              check_prompt, load_image)
+from utils.checkpoint import CheckpointError, read_header  # noqa: E402
 from utils.cli import ArgumentParser, check_device, run  # noqa: E402
 from utils.config import read_utf8  # noqa: E402
 from utils.lock import FolderLock  # noqa: E402
@@ -86,20 +93,36 @@ def new_folder(out_dir: Path, name: str) -> Path:
     raise ValueError(f"--output-dir {out_dir}: {name} and 100000 numbered copies exist; pick another folder")
 
 
+def is_argus_generator(path) -> bool:
+    """Whether `path` is one of our Argus-3D generator folders (its checkpoint's own config says)."""
+    if path is None or not Path(path).exists() or (Path(path).is_file() and Path(path).suffix != ".safetensors"):
+        return False
+    try:
+        return read_header(path)[2] == "raster_ar"
+    except CheckpointError:
+        return False
+
+
 def parse_args(argv=None):
-    d = SamplingConfig()
+    d, a = SamplingConfig(), ArgusSampling()
     ap = ArgumentParser(description=__doc__)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one text prompt")
     src.add_argument("--prompts", type=Path, help="JSON: {\"test_promts\": [...]} (official) or a list of prompts")
     src.add_argument("--image", type=Path, help="an RGB(A) image, or a folder of them")
-    ap.add_argument("--num-samples", type=int, default=1,
-                    help=f"objects per prompt or image (at most {MAX_SAMPLES})")
+    src.add_argument("--cate", help="Argus-3D: a category of the class-guided generator (the official: chair, table, ...)")
+    ap.add_argument("--model", choices=("sar3d", "argus"), help="the generator family (default: argus for --cate or "
+                    "an Argus-3D --ar, else sar3d)")
+    ap.add_argument("--num-samples", "--batch-size", type=int, default=1,
+                    help=f"objects per prompt, image or category, sampled as one batch (at most {MAX_SAMPLES})")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of the first input (the i-th: seed + i)")
-    ap.add_argument("--guidance", "--cfg", type=float, default=d.guidance,
-                    help=f"classifier-free guidance weight (official --cfg {d.guidance:g})")
-    ap.add_argument("--top-k", type=int, default=d.top_k, help="sample among the k likeliest tokens (0: all)")
-    ap.add_argument("--top-p", type=float, default=d.top_p, help="... and within this share of the mass (0: all)")
+    ap.add_argument("--guidance", "--cfg", type=float,
+                    help=f"classifier-free guidance weight (default: the official {d.guidance:g} for SAR3D, "
+                         f"{a.guidance:g} for Argus-3D)")
+    ap.add_argument("--top-k", type=int, help=f"sample among the k likeliest tokens, 0: all (default {d.top_k}; "
+                    f"Argus-3D {a.top_k})")
+    ap.add_argument("--top-p", type=float, help=f"... and within this share of the mass, 0: all (default {d.top_p:g}; "
+                    f"Argus-3D {a.top_p:g})")
     ap.add_argument("--temperature", type=float, default=d.temperature, help="softmax temperature")
     ap.add_argument("--vqvae", help="our VQVAE folder or an official checkpoint file (default: the demo model)")
     ap.add_argument("--ar", help="our generator folder or an official checkpoint file (default: the demo model)")
@@ -131,7 +154,17 @@ def parse_args(argv=None):
     for name, high in LIMITS.items():
         if getattr(args, name) > high:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: at most {high}")
-    args.sampling = SamplingConfig(args.guidance, args.top_k, args.top_p, args.temperature)
+    if args.model is None:
+        args.model = "argus" if args.cate is not None or is_argus_generator(args.ar) else "sar3d"
+    if args.cate is not None and args.model != "argus":
+        raise ValueError("--cate is for the class-guided Argus-3D generator; drop --model sar3d")
+    if args.model == "argus" and (args.official or args.decoder != "nerf"):
+        raise ValueError("--official and --decoder are SAR3D options; for the released Argus-3D model convert it "
+                         "(scripts/convert_official.py --kind argus-stage2) and pass --ar and --vqvae")
+    base = a if args.model == "argus" else d
+    picked = [base.guidance if args.guidance is None else args.guidance, base.top_k if args.top_k is None else args.top_k,
+              base.top_p if args.top_p is None else args.top_p, args.temperature]
+    args.sampling = (ArgusSampling if args.model == "argus" else SamplingConfig)(*picked)
     args.device = check_device(args.device)
     return args
 
@@ -141,6 +174,8 @@ def main(argv=None) -> int:
     if args.image is not None:
         kind, paths = "image", image_paths(args.image)
         inputs, names = [load_image(p) for p in paths], [slug(p.stem) for p in paths]
+    elif args.cate is not None:
+        kind, inputs, names = "class", [args.cate.strip()], [slug(args.cate)]
     else:
         kind = "text"
         inputs = [check_prompt(args.prompt, "--prompt")] if args.prompt is not None else read_prompts(args.prompts)
@@ -159,14 +194,23 @@ def main(argv=None) -> int:
 def generate(args, kind: str, inputs: list, names: list) -> int:
     """Load the models, then sample, decode and write every input's objects."""
     t0 = time.perf_counter()
-    pipe = SAR3DPipeline.from_pretrained(OFFICIAL_DIR if args.official else None, kind, vqvae=args.vqvae, ar=args.ar,
-                                         encoder=getattr(args, f"{kind}_encoder"), decoder=args.decoder,
-                                         device=args.device)
+    if args.model == "argus":
+        pipe = ArgusPipeline.from_pretrained(tokenizer=args.vqvae, generator=args.ar, condition=kind,
+                                             encoder=getattr(args, f"{kind}_encoder", None), device=args.device)
+        if kind == "class":
+            pipe.generator.class_index(inputs[0])          # an unknown category: one line listing the valid ones
+        options = {}
+    else:
+        pipe = SAR3DPipeline.from_pretrained(OFFICIAL_DIR if args.official else None, kind, vqvae=args.vqvae,
+                                             ar=args.ar, encoder=getattr(args, f"{kind}_encoder"),
+                                             decoder=args.decoder, device=args.device)
+        options = {"mesh_resolution": args.mesh_resolution}
     print(f"loaded models in {time.perf_counter() - t0:.1f} s", flush=True)
     for i, (x, name) in enumerate(zip(inputs, names)):
-        objects = pipe(x, args.num_samples, args.seed + i, args.sampling, mesh_resolution=args.mesh_resolution,
-                       frames=args.frames, render_resolution=args.render_resolution, video=not args.no_video)
+        objects = pipe(x, args.num_samples, args.seed + i, args.sampling, frames=args.frames,
+                       render_resolution=args.render_resolution, video=not args.no_video, **options)
         times: dict = {"write": 0.0}
+        empty = 0
         for k, obj in enumerate(objects):
             t = time.perf_counter()
             out = new_folder(args.output_dir, f"{name}_{k}")
@@ -177,11 +221,13 @@ def generate(args, kind: str, inputs: list, names: list) -> int:
                                  f"({e.strerror or type(e).__name__}); free space or pick another folder") from None
             times["write"] += time.perf_counter() - t
             if obj.mesh_error:
+                empty += 1
                 print(f"warning: {out}: no mesh ({obj.mesh_error})", file=sys.stderr)
             print(f"wrote {out}", flush=True)
             for stage, seconds in obj.times.items():
                 times[stage] = seconds if stage in ("encode", "sample", "decode") else times.get(stage, 0) + seconds
-        print(f"[{i + 1}/{len(inputs)}] {name}: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()), flush=True)
+        print(f"[{i + 1}/{len(inputs)}] {name}: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items())
+              + (f"; {empty} of {len(objects)} samples empty (no mesh)" if empty else ""), flush=True)
     return 0
 
 

@@ -2,8 +2,11 @@
 
     model, cfg = load_official("ar-text", "checkpoints/text-condition-ckpt.pth")
     model, cfg = load_official("vqvae", "checkpoints/vqvae-ckpt.pt")
+    tokenizer, _ = load_official("argus-stage2", "model_stage2.pt")    # the stage-2 file's two halves
+    generator, _ = load_official("argus-gpt", "model_stage2.pt")
 
-The file is read with torch.load(weights_only=True); the AR files also hold their training
+The file is read with torch.load(weights_only=True), memory-mapped (a 14.7 GB stage-2 file
+converts on a machine with less memory than that); the AR files also hold their training
 arguments, which a restricted unpickler turns into inert placeholders (utils.checkpoint.read_official):
 nothing in them is imported or run. Every tensor is mapped to our name and checked against a
 model of the paper configuration built on the meta device (no memory, no initialisation), then
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from models import ar, occupancy_vqvae, vqvae
+from models import ar, occupancy_vqvae, raster_ar, vqvae
 from utils.checkpoint import CheckpointError, ConversionError, read_official_state
 from utils.config import ConfigError, from_dict, load_config, read_yaml
 
@@ -29,7 +32,8 @@ KINDS = {"vqvae": (CONFIGS / "vqvae" / "paper.yaml", "vqvae"),
          # Argus-3D: model_stage1.pt ({'model': tokenizer}), and model_stage2.pt, whose 'model' holds
          # the tokenizer under vqvae_model. beside the transformer (converted by the generator)
          "argus-stage1": (CONFIGS / "argus" / "paper.yaml", "occupancy_vqvae"),
-         "argus-stage2": (CONFIGS / "argus" / "paper.yaml", "occupancy_vqvae")}
+         "argus-stage2": (CONFIGS / "argus" / "paper.yaml", "occupancy_vqvae"),
+         "argus-gpt": (CONFIGS / "argus" / "gpt_paper.yaml", "raster_ar")}
 # The official file names in checkpoints/, by kind.
 FILE_NAMES = {"vqvae": "vqvae-ckpt.pt", "vqvae-flexicubes": "vqvae-flexicubes-ckpt.pt",
               "ar-text": "text-condition-ckpt.pth", "ar-image": "image-condition-ckpt.pth"}
@@ -45,9 +49,10 @@ def _config(kind: str, cfg_path: Path):
         if cfg.condition != want:
             raise ConfigError(f"{kind} needs a config with condition: {want}, got {cfg.condition}")
         return cfg
-    if KINDS[kind][1] == "occupancy_vqvae":
+    if KINDS[kind][1] in ("occupancy_vqvae", "raster_ar"):
         model_part = {k: v for k, v in read_yaml(cfg_path).items() if k not in ("kind", "train")}
-        return from_dict(occupancy_vqvae.OccupancyVQVAEConfig, model_part, str(cfg_path))
+        cls = occupancy_vqvae.OccupancyVQVAEConfig if KINDS[kind][1] == "occupancy_vqvae" else raster_ar.RasterARConfig
+        return from_dict(cls, model_part, str(cfg_path))
     cfg = load_config(vqvae.VQVAEConfig, cfg_path)
     wanted = "flexicubes" if kind == "vqvae-flexicubes" else "nerf"
     if cfg.renderer_kind != wanted:
@@ -72,12 +77,22 @@ def load_official(kind: str, src, config=None):
     elif kind == "argus-stage1":
         state = read_official_state(src, ("model",), "the tokenizer under 'model' (as in model_stage1.pt)")
         build, convert = occupancy_vqvae.OccupancyVQVAE, occupancy_vqvae.convert_official
-    elif kind == "argus-stage2":
+    elif kind in ("argus-stage2", "argus-gpt"):
         full = read_official_state(src, ("model",), "the model under 'model' (as in model_stage2.pt)")
-        state = {k[len("vqvae_model."):]: v for k, v in full.items() if k.startswith("vqvae_model.")}
+        prefix = "vqvae_model." if kind == "argus-stage2" else "transformer_model."
+        state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
         if not state:
-            raise CheckpointError(f"{src}: no vqvae_model. tensors under 'model': not an Argus-3D stage-2 file")
-        build, convert = occupancy_vqvae.OccupancyVQVAE, occupancy_vqvae.convert_official
+            half = "tokenizer" if kind == "argus-stage2" else "generator"
+            raise CheckpointError(f"{src}: no {prefix} tensors under 'model' (the {half} of an Argus-3D stage-2 "
+                                  "file model_stage2.pt)")
+        if kind == "argus-stage2":
+            build, convert = occupancy_vqvae.OccupancyVQVAE, occupancy_vqvae.convert_official
+        else:
+            build, convert = raster_ar.RasterAR, raster_ar.convert_official
+            try:
+                cfg = cfg if config else raster_ar.sizes_from_official(state, cfg)
+            except ConversionError as e:
+                raise CheckpointError(f"{src}: {e}") from None
     else:
         state = read_official_state(src, what="a state dict of tensors (such as the official vqvae-ckpt.pt)")
         build, convert = vqvae.TriplaneVQVAE, vqvae.convert_official

@@ -345,7 +345,7 @@ def sizes_from_official(state: dict, base: RasterARConfig) -> RasterARConfig:
     if "class_embedding.weight" in state:
         n = state["class_embedding.weight"].shape[0]
         sizes["classes"] = SHAPENET55 if n == len(SHAPENET55) else tuple(f"class_{i}" for i in range(n))
-    heads = base.num_heads if D % base.num_heads == 0 else max(h for h in range(1, 65) if D % h == 0 and D // h >= 64)
+    heads = base.num_heads if D % base.num_heads == 0 else max(h for h in range(1, D + 1) if D % h == 0 and D // h >= min(64, D))
     try:
         return dataclasses.replace(base, num_heads=heads, **sizes)
     except ConfigError as e:

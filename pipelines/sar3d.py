@@ -166,6 +166,26 @@ def _checkpoint(folder: Path, ours: str, official: str, flag: str, given) -> Pat
                             f"or pass {flag} PATH")
 
 
+def orbit_cameras(azimuths, elevation: float = 20.0, radius: float = 2.0) -> np.ndarray:
+    """(V, 25) cameras around the +z axis at these azimuths (degrees from +x towards +y), from
+    `radius` world units at `elevation` degrees, through the official 39.6 degree field of view."""
+    c2w = np.stack([orbit_c2w(float(a), elevation, radius) for a in azimuths])
+    return pack_cameras(c2w, normalized_intrinsics())
+
+
+def mesh_views(mesh: tuple, azimuths, resolution: int, elevation: float = 20.0, radius: float = 2.0, *,
+               shading: str = "unlit", device="cpu", progress: bool | None = False) -> np.ndarray:
+    """(len(azimuths), R, R, 3) uint8 views on white of a mesh (vertices (N, 3) world units, +z
+    up, faces (F, 3), colours (N, 3) uint8 or in [0, 1]), rasterised with 3x3 supersampling, its
+    colours drawn as they are (unlit) or under the renderer's fixed lights (lit)."""
+    v, f, c = (np.asarray(a) for a in mesh)
+    c = c / 255.0 if c.dtype == np.uint8 else c
+    rgb = render_views(ColoredMesh(v.astype(np.float32), f.astype(np.int64), c.astype(np.float32)),
+                       orbit_cameras(azimuths, elevation, radius), resolution, ssaa=3, device=str(device),
+                       shading=shading, progress=progress, threads=1)["rgb"]
+    return np.round(np.clip(rgb, 0.0, 1.0) * 255).astype(np.uint8)
+
+
 class Decoder3D:
     """A VQVAE loaded once: token ids -> triplanes -> views, turntables and meshes."""
 
@@ -198,15 +218,9 @@ class Decoder3D:
         has_mesh = mesh is not None and len(mesh[1]) > 0
         if source == "mesh" and not has_mesh:
             raise ValueError("source='mesh' needs a mesh with faces: (vertices, faces, colours)")
-        c2w = np.stack([orbit_c2w(float(a), elevation, radius) for a in azimuths])
-        cams = pack_cameras(c2w, normalized_intrinsics())
         if has_mesh and source != "field":
-            v, f, c = (np.asarray(a) for a in mesh)
-            c = c / 255.0 if c.dtype == np.uint8 else c
-            rgb = render_views(ColoredMesh(v.astype(np.float32), f.astype(np.int64), c.astype(np.float32)), cams,
-                               resolution, ssaa=3, device=str(self.device), shading="unlit", progress=progress,
-                               threads=1)["rgb"]
-            return np.round(np.clip(rgb, 0.0, 1.0) * 255).astype(np.uint8)
+            return mesh_views(mesh, azimuths, resolution, elevation, radius, device=self.device, progress=progress)
+        cams = orbit_cameras(azimuths, elevation, radius)
         cams = torch.from_numpy(cams).float().to(self.device)
         images = [self.vqvae.render(triplane, c[None], resolution=resolution, deterministic=True)["image_raw"]
                   for c in tqdm(cams, desc="render", unit="view", disable=None if progress is None else not progress)]

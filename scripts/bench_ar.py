@@ -3,12 +3,19 @@
 
     python scripts/bench_ar.py --config configs/ar/paper_image.yaml --batch 1
     python scripts/bench_ar.py --config configs/ar/paper_text.yaml --device cuda --batch 1,8,32 --json bench.json
+    python scripts/bench_ar.py --config configs/argus/gpt_paper.yaml --batch 1,16 --tokens 16   # Argus-3D
 
 The model and the quantizer are built from the config with random weights (speed does not depend
 on the values); conditions are random tensors of the encoder's shape (256 DINOv2 tokens, 77 CLIP
 tokens), guidance on (the batch is doubled) as in sampling. Prints one row per (batch, cache):
 total seconds, tokens per second (B·L / seconds), peak memory (CUDA: allocated by torch; CPU: the
 process's peak resident size so far) and the time of each scale.
+
+An Argus-3D config (kind: raster) samples class-guided with the official top-k 250. --tokens N
+times the first N of its 1024 steps (a model whose sequence ends there does the same work) and
+extrapolates to the whole sequence, saying so: a cached step costs about the same at every
+position, an uncached one grows with the prefix it recomputes (time = a + b·positions, fitted
+to the measured steps).
 """
 from __future__ import annotations
 
@@ -24,8 +31,11 @@ import torch  # noqa: E402
 
 from models.ar import ARConfig, Condition, NextScaleAR  # noqa: E402
 from models.quantizer import TriplaneQuantizer  # noqa: E402
+from models.raster_ar import RasterAR  # noqa: E402
+from trainers.cli import model_config  # noqa: E402
+from trainers.raster_ar import RasterRunConfig  # noqa: E402
 from utils.cli import ArgumentParser, run  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from utils.config import load_config, read_yaml  # noqa: E402
 
 SEQ_LEN = {"image": 256, "text": 77}
 
@@ -49,6 +59,51 @@ def conditions(cfg: ARConfig, B: int, device) -> tuple:
                            tokens=torch.zeros(T, cfg.seq_dim, device=device))
 
 
+def extrapolate(step_seconds: list, start: int, length: int, cached: bool) -> float:
+    """Seconds of all `length` steps from the first ones measured: step i recomputes start + i
+    positions uncached (least-squares a + b·positions), costs their mean cached."""
+    n = len(step_seconds)
+    if cached or n < 2:
+        return sum(step_seconds) / n * length
+    x = torch.tensor([start + i for i in range(n)], dtype=torch.float64)
+    y = torch.tensor(step_seconds, dtype=torch.float64)
+    b = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
+    a = y.mean() - b * x.mean()
+    return float(sum(a + b * (start + i) for i in range(length)))
+
+
+def bench_raster(args, device) -> list:
+    run_cfg = load_config(RasterRunConfig, args.config)
+    full = run_cfg.num_tokens
+    n = min(args.tokens or full, full)
+    cfg = RasterRunConfig(**{**model_config(run_cfg), "num_tokens": n})
+    torch.manual_seed(0)
+    model = RasterAR(cfg).to(device).eval()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    part = f"first {n} of {full} steps timed, the rest extrapolated" if n < full else f"all {full} steps timed"
+    print(f"{args.config.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {part}, "
+          f"device {device}, {'bf16' if args.bf16 else 'fp32'}, {torch.get_num_threads()} CPU threads")
+    print(f"{'batch':>5} {'cache':>5} {'timed s':>9} {'s/token':>9} {'full s':>9} {'tokens/s':>9} {'peak MB':>9}")
+    rows = []
+    for B in (int(b) for b in args.batch.split(",")):
+        for cache in (True, False):
+            steps = []
+            with autocast:
+                model.sample(None, Condition(labels=torch.zeros(B, dtype=torch.long, device=device)), top_k=250,
+                             seed=0, use_cache=cache, step_seconds=steps)
+            total = extrapolate(steps, 3, full, cache)
+            row = dict(config=args.config.name, device=str(device), dtype="bf16" if args.bf16 else "fp32", batch=B,
+                       cache=cache, timed_steps=n, timed_seconds=sum(steps), seconds=total,
+                       extrapolated=n < full, seconds_per_token=total / full, tokens_per_s=B * full / total,
+                       peak_mem_mb=peak_mem_mb(device))
+            rows.append(row)
+            print(f"{B:>5} {str(cache):>5} {sum(steps):>9.2f} {row['seconds_per_token']:>9.3f} {total:>9.1f} "
+                  f"{row['tokens_per_s']:>9.2f} {row['peak_mem_mb']:>9.0f}")
+        print(f"      batch {B}: the cache is {rows[-1]['seconds'] / rows[-2]['seconds']:.1f}x faster per generated "
+              f"token{' (extrapolated)' if n < full else ''}")
+    return rows
+
+
 def main(argv=None):
     ap = ArgumentParser(description=__doc__)
     ap.add_argument("--config", required=True, type=Path, help="generator config (configs/ar/*.yaml)")
@@ -57,11 +112,17 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per row")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    ap.add_argument("--tokens", type=int, default=0, help="Argus-3D: time only the first N steps and extrapolate")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is visible")
     device = torch.device(args.device)
+    if args.config.is_file() and read_yaml(args.config).get("kind") == "raster":
+        rows = bench_raster(args, device)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        return 0
     cfg = load_config(ARConfig, args.config)
     torch.manual_seed(0)
     model = NextScaleAR(cfg).to(device).eval()

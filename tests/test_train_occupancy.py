@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import train_vqvae
 from models.occupancy_vqvae import OccupancyVQVAE, OccupancyVQVAEConfig, load_occupancy_vqvae
+from models.raster_ar import RasterAR, RasterARConfig, load_raster_ar
 from utils.cli import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,12 +70,21 @@ def test_official_files_convert_strictly_and_never_run_their_payload(tmp_path, c
     model = OccupancyVQVAE(OccupancyVQVAEConfig())
     state = model.state_dict()
     torch.save({"model": state, "epoch_it": 3}, tmp_path / "model_stage1.pt")
+    gpt = RasterAR(RasterARConfig(width=64, depth=2, num_heads=1, vocab_size=64, num_tokens=16)).state_dict()
+    gpt["z_value_dec.weight"] = gpt["emb.weight"]                  # tied, as in the released file
     torch.save({"model": {**{f"vqvae_model.{k}": v for k, v in state.items()},
-                          "transformer_model.emb.weight": torch.zeros(4, 2)}, "it": 5}, tmp_path / "model_stage2.pt")
-    for kind, name in (("argus-stage1", "model_stage1.pt"), ("argus-stage2", "model_stage2.pt")):
+                          **{f"transformer_model.{k}": v for k, v in gpt.items()}}, "it": 5}, tmp_path / "model_stage2.pt")
+    for kind, name, sub in (("argus-stage1", "model_stage1.pt", ""), ("argus-stage2", "model_stage2.pt", "tokenizer")):
         assert convert(["--kind", kind, "--src", str(tmp_path / name), "--out", str(tmp_path / kind)]) == 0
-        loaded = load_occupancy_vqvae(tmp_path / kind)
+        loaded = load_occupancy_vqvae(tmp_path / kind / sub)
         assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    generator = load_raster_ar(tmp_path / "argus-stage2" / "generator")
+    assert generator.cfg.num_tokens == 16 and generator.cfg.width == 64 and len(generator.cfg.classes) == 55
+    assert all(torch.equal(generator.state_dict()[k], v) for k, v in gpt.items() if k != "z_value_dec.weight")
+    torch.save({"model": {f"vqvae_model.{k}": v for k, v in state.items()}}, tmp_path / "no_gpt.pt")
+    with pytest.raises(SystemExit):
+        run(lambda: convert(["--kind", "argus-stage2", "--src", str(tmp_path / "no_gpt.pt"), "--out", str(tmp_path / "x")]))
+    assert "no transformer_model. tensors" in capsys.readouterr().err
     marker = tmp_path / "ran"
     gone = {k: v for k, v in state.items() if k != "decoder.fc_out.bias"}
     torch.save({"model": gone, "args": _RunsACommand(marker)}, tmp_path / "bad.pt")

@@ -30,38 +30,84 @@ class ConversionError(ValueError):
     """An official checkpoint does not match the model it is converted into."""
 
 
-def save_model(out_dir, state_dict: dict, config: dict, kind: str) -> Path:
-    """Write out_dir/model.safetensors (+ config.json) atomically; returns the weights path."""
+INDEX = "model.safetensors.index.json"      # a model written in shards: {metadata, weight_map}
+
+
+def save_model(out_dir, state_dict: dict, config: dict, kind: str, shard_bytes: int = 0,
+               dtype: torch.dtype | None = None) -> Path:
+    """Write out_dir/model.safetensors (+ config.json) atomically; returns the weights path. With
+    `shard_bytes`, a model larger than that goes into shards model-0000i-of-0000n.safetensors
+    listed by model.safetensors.index.json, one shard in memory at a time (the tensors may be
+    memory-mapped); `dtype` casts floating-point tensors (e.g. bf16 halves a large model)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     meta = {"format": FORMAT, "kind": kind, "config": json.dumps(config)}
-    tmp = out_dir / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(out_dir / "model.safetensors")
+
+    def ready(v):
+        v = v.detach()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        return v.contiguous().cpu()
+
+    groups, size = [[]], 0
+    for k, v in state_dict.items():
+        n = v.numel() * (dtype.itemsize if dtype is not None and v.is_floating_point() else v.element_size())
+        if shard_bytes and groups[-1] and size + n > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += n
+    for old in [*out_dir.glob("model-*-of-*.safetensors"), out_dir / INDEX, out_dir / "model.safetensors"]:
+        old.unlink(missing_ok=True)
+    names = ["model.safetensors"] if len(groups) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    for name, keys in zip(names, groups):
+        tmp = out_dir / (name + ".tmp")
+        save_file({k: ready(state_dict[k]) for k in keys}, str(tmp), metadata=meta)
+        tmp.replace(out_dir / name)
+    if len(groups) > 1:
+        index = {"metadata": meta, "weight_map": {k: name for name, keys in zip(names, groups) for k in keys}}
+        (out_dir / INDEX).write_text(json.dumps(index, indent=1) + "\n")
     (out_dir / "config.json").write_text(json.dumps({"kind": kind, **config}, indent=2) + "\n")
-    return out_dir / "model.safetensors"
+    return out_dir / (INDEX if len(groups) > 1 else names[0])
+
+
+def _files(path) -> tuple[Path, list]:
+    """(the file that names the checkpoint, its safetensors files): a folder's model.safetensors,
+    or the shards its index lists, or one .safetensors file."""
+    path = Path(path)
+    if path.is_dir() and (path / INDEX).is_file():
+        try:
+            index = json.loads((path / INDEX).read_text())
+            shards = sorted(set(index["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{path / INDEX}: not a shard index ({_first_line(e)})") from None
+        return path / INDEX, [path / name for name in shards]
+    file = path / "model.safetensors" if path.is_dir() else path
+    return file, [file]
 
 
 def read_header(path, kind: str | None = None):
-    """The header of a checkpoint written by save_model (a directory or a .safetensors file),
-    without reading its tensors: (file, config dict, kind, {name: shape}). Missing, truncated or
-    foreign files raise CheckpointError naming the file."""
-    path = Path(path)
-    file = path / "model.safetensors" if path.is_dir() else path
-    if not file.is_file():
-        raise CheckpointError(f"no checkpoint at {file}: train one or put model.safetensors there")
-    try:
-        with safe_open(str(file), "pt") as f:
-            meta = f.metadata() or {}
-            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({_first_line(e)})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{file}: not a checkpoint of this project (no '{FORMAT}' metadata); "
-                              "official checkpoints go through scripts/convert_official.py")
-    if kind is not None and meta.get("kind") != kind:
-        raise CheckpointError(f"{file}: holds a '{meta.get('kind')}' model, expected '{kind}'")
+    """The header of a checkpoint written by save_model (a directory, sharded or not, or a
+    .safetensors file), without reading its tensors: (file, config dict, kind, {name: shape}).
+    Missing, truncated or foreign files raise CheckpointError naming the file."""
+    head, files = _files(path)
+    shapes, meta = {}, {}
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"no checkpoint at {file}: train one or put model.safetensors there")
+        try:
+            with safe_open(str(file), "pt") as f:
+                meta = f.metadata() or {}
+                shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({_first_line(e)})") from None
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{file}: not a checkpoint of this project (no '{FORMAT}' metadata); "
+                                  "official checkpoints go through scripts/convert_official.py")
+        if kind is not None and meta.get("kind") != kind:
+            raise CheckpointError(f"{file}: holds a '{meta.get('kind')}' model, expected '{kind}'")
+    file = head
     if "config" not in meta:
         raise CheckpointError(f"{file}: its metadata holds no model config; write checkpoints with "
                               "utils.checkpoint.save_model (or scripts/convert_official.py for official files)")
@@ -76,16 +122,18 @@ def read_header(path, kind: str | None = None):
 
 
 def load_model(path, kind: str | None = None):
-    """Read a checkpoint written by save_model: a directory or a .safetensors file.
+    """Read a checkpoint written by save_model: a directory (sharded or not) or a .safetensors file.
 
     Returns (state_dict, config dict, kind). Missing, truncated or foreign files raise
     CheckpointError naming the file.
     """
-    file, config, kind, _ = read_header(path, kind)
-    try:
-        state = load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({_first_line(e)})") from None
+    _, config, kind, _ = read_header(path, kind)
+    state = {}
+    for file in _files(path)[1]:
+        try:
+            state.update(load_file(str(file)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({_first_line(e)})") from None
     return state, config, kind
 
 
@@ -96,15 +144,16 @@ def load_built(ckpt, kind: str, build, device="cpu"):
 
     The model is first built on the meta device (shapes, no memory) and compared, tensor by
     tensor, with the shapes in the file's header: a config that declares a larger model than the
-    file holds is refused before anything of its size is allocated."""
-    file, cfg, _, shapes = read_header(ckpt, kind)
+    file holds is refused before anything of its size is allocated. A model whose every tensor
+    is in the file then takes the file's tensors as they are (no second copy, no initialisation:
+    a model of several GB loads in its own size, in the file's dtype)."""
+    _, cfg, _, shapes = read_header(ckpt, kind)
     try:
         with torch.device("meta"):
             skeleton = build(cfg)
     except Exception as e:                      # ConfigError, or a config the model cannot take
         raise CheckpointError(f"{ckpt}: its config does not build a {kind} model ({_first_line(e)})") from None
     want = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
-    del skeleton
     problems = [f"'{n}' is missing from the file" for n in want if n not in shapes]
     problems += [f"the file has '{n}', which the config does not make" for n in shapes if n not in want]
     problems += [f"'{n}' has shape {shapes[n]} in the file, the config makes {want[n]}"
@@ -112,7 +161,11 @@ def load_built(ckpt, kind: str, build, device="cpu"):
     if problems:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CheckpointError(f"{ckpt}: weights do not match the config stored with them ({problems[0]}{more})")
-    state, cfg, _ = load_model(file, kind)
+    state, cfg, _ = load_model(ckpt, kind)
+    skeleton.load_state_dict(state, strict=True, assign=True)
+    if not any(t.is_meta for t in (*skeleton.parameters(), *skeleton.buffers())):
+        return skeleton.to(device).eval()
+    del skeleton                                # buffers the file does not hold: build it for real
     model = build(cfg)
     try:
         model.load_state_dict(state, strict=True)
@@ -200,14 +253,18 @@ def read_official(path):
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: put the file there or pass its path")
+    # Zip-format files (every torch.save since 1.6) are memory-mapped: tensors are read from the
+    # file when used, so a file larger than the memory converts tensor by tensor.
+    mmap = zipfile.is_zipfile(path)
     try:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as e:
             if "weights_only" not in str(e):
                 raise
             # Objects other than tensors in the file: rebuild tensors only (see _RestrictedUnpickler).
-            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickle)
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickle,
+                              mmap=mmap)
     except MemoryError:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (it asks for more memory than there "
                               "is)") from None
