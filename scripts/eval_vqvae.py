@@ -46,12 +46,12 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from datasets.gbuffer import GBufferDataset  # noqa: E402
+from evaluation.image import colour_error, depth_error, mask_iou, psnr, ssim  # noqa: E402
 from models.inputs import encoder_views, input_view_sets  # noqa: E402
 from models.vqvae import TriplaneVQVAE, load_vqvae  # noqa: E402
 from renderers.nerf import camera_rays  # noqa: E402
 from utils.cameras import unpack_cameras  # noqa: E402
 from utils.cli import ArgumentParser, run  # noqa: E402
-from utils.metrics import colour_error, depth_error, mask_iou, psnr, ssim  # noqa: E402
 
 METRICS = ("psnr", "ssim", "mask_iou", "depth_error", "colour_error")
 GRID_OBJECTS = 8

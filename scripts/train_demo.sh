@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Rebuild the embedded demo model (checkpoints/demo) from nothing, on a CPU: the procedural
+# Rebuild the embedded demo models (checkpoints/demo) from nothing, on a CPU: the procedural
 # dataset, the small VQVAE and its decoder fine-tuned with the occupancy term, the same objects
-# upright with their token and condition files, then the text and image generators.
+# upright with their token and condition files, then the text and image generators; and for
+# Argus-3D, the small occupancy tokenizer on upright objects and the class-guided generator.
 # Every stage resumes where it stopped when the script is run again.
 #   bash scripts/train_demo.sh            # DATA, GEN_DATA, RUNS and OUT override the folders below
 set -euo pipefail
@@ -12,6 +13,7 @@ RUNS=${RUNS:-runs/demo}
 OUT=${OUT:-checkpoints/demo}
 VQVAE_STEPS=${VQVAE_STEPS:-5000}
 DECODER_STEPS=${DECODER_STEPS:-3000}
+ARGUS_DATA=${ARGUS_DATA:-data/shapes300}
 
 resume() { if compgen -G "$1/train_state*/state.json" > /dev/null; then echo --resume; fi; }
 
@@ -33,7 +35,17 @@ for kind in text image; do
   python train_ar.py --config "configs/ar/demo_$kind.yaml" --data-dir "$GEN_DATA" --vqvae "$RUNS/vqvae" \
     --out-dir "$RUNS/ar_$kind" $(resume "$RUNS/ar_$kind")
 done
-for m in vqvae_dec ar_text ar_image; do
+# Argus-3D: the tokenizer (configs/argus/small.yaml, 2400 steps), the ids of every split, the GPT.
+python scripts/make_shapes.py --out "$ARGUS_DATA" --num 300 --res 64 --seed 0 --upright
+python train_vqvae.py --config configs/argus/small.yaml --data-dir "$ARGUS_DATA" --out-dir "$RUNS/argus_tokenizer" \
+  $(resume "$RUNS/argus_tokenizer")
+for split in train val test; do
+  python scripts/precompute.py --data-dir "$ARGUS_DATA" --occupancy-vqvae "$RUNS/argus_tokenizer" --inputs 3000 \
+    --split "$split" --overwrite
+done
+python train_ar.py --config configs/argus/gpt_small.yaml --data-dir "$ARGUS_DATA" --out-dir "$RUNS/argus_class" \
+  $(resume "$RUNS/argus_class")
+for m in vqvae_dec ar_text ar_image argus_tokenizer argus_class; do
   dst="$OUT/${m%_dec}"
   mkdir -p "$dst"
   cp "$RUNS/$m/model.safetensors" "$RUNS/$m/config.json" "$dst/"

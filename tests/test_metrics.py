@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.metrics import colour_error, depth_error, gaussian_window, mask_iou, psnr, ssim
+from evaluation.image import colour_error, depth_error, gaussian_window, mask_iou, psnr, ssim
 
 
 def test_psnr_values():

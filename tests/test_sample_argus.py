@@ -1,6 +1,7 @@
 """sample.py and pipelines.ArgusPipeline with Argus-3D models (tiny, random weights): a batch per
 category with meshes, turntables and timings; the official sampling defaults; one-line errors."""
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -84,3 +85,17 @@ def test_clear_errors(argus_models, tmp_path, capsys):
                     "--output-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "vocab_size" in err
+
+
+def test_class_evaluation_writes_its_results(argus_models, shapes_root, tmp_path):
+    from scripts.eval_classes import main as evaluate
+    out = tmp_path / "eval"
+    assert evaluate(["--data-dir", str(shapes_root), "--vqvae", str(argus_models / "tokenizer"),
+                     "--ar", str(argus_models / "generator"), "--per-class", "2", "--reference-splits", "train",
+                     "--out-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["per_class"]) == {"box", "torus"}                 # the generator's families
+    assert all(0 <= r["recognised"] <= 1 and sum(r["seen"].values()) == 2 for r in results["per_class"].values())
+    assert results["reference_shapes"] == 2
+    if results["generated_shapes"]:
+        assert {"cov_cd", "mmd_cd", "1nna_cd", "cov_emd", "mmd_emd", "1nna_emd"} <= set(results["generation_metrics"])

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_ar
+from datasets.gbuffer import CONDITION_FILES
 from datasets.occupancy import OCCUPANCY_TOKENS, write_split_lists
 from models.raster_ar import load_raster_ar
 from utils.cli import run
@@ -33,6 +34,7 @@ def token_data(tmp_path_factory) -> Path:
             (root / name / i).mkdir(parents=True)
             tokens = np.where(rng.random(16) < 0.1, rng.integers(0, 64, 16), pattern)
             np.savez(root / name / i / OCCUPANCY_TOKENS, index=tokens.astype(np.int64))
+            np.save(root / name / i / CONDITION_FILES["text"]["pooled"], (np.eye(3)[c] + 0.1 * rng.random(3)).astype(np.float32))
         write_split_lists(root, name, {"train": ids[:6], "val": ids[6:]})
     return root
 
@@ -102,3 +104,13 @@ def test_missing_tokens_and_a_mismatched_config_are_one_line(token_data, tmp_pat
     assert _train(token_data, tmp_path / "b", 2, "--set", "num_tokens=32") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "num_tokens" in err
+
+
+def test_a_text_guided_generator_trains_on_the_pooled_embeddings(token_data, tmp_path):
+    assert _train(token_data, tmp_path / "text", 40, "--set", "condition=text", "--set", "pooled_dim=3",
+                  "--set", "train.lr=3e-3") == 0
+    model = load_raster_ar(tmp_path / "text")
+    assert model.cfg.condition == "text" and not hasattr(model, "class_embedding")
+    from models.ar import Condition
+    ids = model.sample(None, Condition(pooled=torch.tensor([[0.0, 1.0, 0.0]])), batch=2, guidance=2.0, seed=0)
+    assert ids.shape == (2, 16)

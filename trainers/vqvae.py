@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from datasets.gbuffer import GBufferDataset
+from evaluation.image import psnr
 from losses.depth import scale_shift_invariant_loss
 from losses.gan import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from losses.perceptual import load_lpips, lpips_distance
@@ -34,7 +35,6 @@ from trainers.sampler import seeded_generator
 from trainers.state import EMA
 from utils.cameras import crop_cameras
 from utils.checkpoint import save_model
-from utils.metrics import psnr
 
 
 @dataclass
