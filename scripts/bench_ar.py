@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from models.ar import ARConfig, Condition, NextScaleAR  # noqa: E402
 from models.quantizer import TriplaneQuantizer  # noqa: E402
 from models.raster_ar import RasterAR  # noqa: E402
+from trainers.ar import ARRunConfig  # noqa: E402
 from trainers.cli import model_config  # noqa: E402
 from trainers.raster_ar import RasterRunConfig  # noqa: E402
 from utils.cli import ArgumentParser, run  # noqa: E402
@@ -123,7 +124,7 @@ def main(argv=None):
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1) + "\n")
         return 0
-    cfg = load_config(ARConfig, args.config)
+    cfg = load_config(ARRunConfig, args.config)      # its train: section, if any, is not used
     torch.manual_seed(0)
     model = NextScaleAR(cfg).to(device).eval()
     quant = TriplaneQuantizer(cfg.vocab_size, cfg.c_vae, cfg.patch_nums, official_quirks=False).to(device).eval()
