@@ -255,7 +255,7 @@ class RasterAR(nn.Module):
     def sample(self, quantizer, cond: Condition, uncond: Condition | None = None, *, batch: int | None = None,
                guidance: float = 0.0, top_k: int = 250, top_p: float = 0.0, temperature: float = 1.0,
                seed: int | None = None, generator: torch.Generator | None = None, use_cache: bool = True,
-               step_seconds: list | None = None, progress: bool = False) -> torch.Tensor:
+               step_seconds: list | None = None, progress: bool = False, max_steps: int | None = None) -> torch.Tensor:
         """Token ids (B, num_tokens), one per step, always in eval mode. The signature is the
         next-scale generator's (models.ar.NextScaleAR.sample); `quantizer` is not needed here
         (raster tokens are the model's own input) and may be None.
@@ -267,6 +267,7 @@ class RasterAR(nn.Module):
         use_cache: one new token per step through the KV cache (True), or the official
             full-prefix recomputation at every step.
         step_seconds: a list that receives the wall time of each step (benchmarks).
+        max_steps: stop after this many tokens (benchmarks; the rest stay 0).
         """
         device = self.value_start.device
         if generator is None:
@@ -282,12 +283,12 @@ class RasterAR(nn.Module):
         self.eval()
         try:
             return self._sample_loop(c, B, guided, guidance, top_k, top_p, temperature, generator, use_cache,
-                                     step_seconds, progress)
+                                     step_seconds, progress, max_steps or self.cfg.num_tokens)
         finally:
             self.train(was_training)
 
     def _sample_loop(self, c, B, guided, guidance, top_k, top_p, temperature, generator, use_cache, step_seconds,
-                     progress):
+                     progress, steps):
         L = self.cfg.num_tokens
         out = torch.zeros(B, L, dtype=torch.long, device=c.device)
         cache = None
@@ -296,7 +297,8 @@ class RasterAR(nn.Module):
             cache = StaticKVCache(self.cfg.depth, len(c), H, L + 1, self.cfg.width // H, c)
             x = self.prefix(c)
         tick = time.perf_counter()
-        for i in tqdm(range(L), desc="tokens", unit="tok", disable=not progress, dynamic_ncols=True, leave=False):
+        for i in tqdm(range(min(steps, L)), desc="tokens", unit="tok", disable=not progress, dynamic_ncols=True,
+                      leave=False):
             if use_cache:
                 h = self.run(x, cache)[:, -1:]
             else:                                     # the official step: the whole prefix, placeholder at i

@@ -12,10 +12,9 @@ total seconds, tokens per second (B·L / seconds), peak memory (CUDA: allocated 
 process's peak resident size so far) and the time of each scale.
 
 An Argus-3D config (kind: raster) samples class-guided with the official top-k 250. --tokens N
-times the first N of its 1024 steps (a model whose sequence ends there does the same work) and
-extrapolates to the whole sequence, saying so: a cached step costs about the same at every
-position, an uncached one grows with the prefix it recomputes (time = a + b·positions, fitted
-to the measured steps).
+times only the start and extrapolates to the whole sequence, saying so: cached, the first N
+steps (each costs about the same); uncached, one step at prefixes 1, N/4, N/2 and N (each
+recomputes its prefix: time = a + b·positions, fitted and summed over all steps).
 """
 from __future__ import annotations
 
@@ -33,7 +32,6 @@ from models.ar import ARConfig, Condition, NextScaleAR  # noqa: E402
 from models.quantizer import TriplaneQuantizer  # noqa: E402
 from models.raster_ar import RasterAR  # noqa: E402
 from trainers.ar import ARRunConfig  # noqa: E402
-from trainers.cli import model_config  # noqa: E402
 from trainers.raster_ar import RasterRunConfig  # noqa: E402
 from utils.cli import ArgumentParser, run  # noqa: E402
 from utils.config import load_config, read_yaml  # noqa: E402
@@ -60,45 +58,59 @@ def conditions(cfg: ARConfig, B: int, device) -> tuple:
                            tokens=torch.zeros(T, cfg.seq_dim, device=device))
 
 
-def extrapolate(step_seconds: list, start: int, length: int, cached: bool) -> float:
-    """Seconds of all `length` steps from the first ones measured: step i recomputes start + i
-    positions uncached (least-squares a + b·positions), costs their mean cached."""
-    n = len(step_seconds)
-    if cached or n < 2:
-        return sum(step_seconds) / n * length
-    x = torch.tensor([start + i for i in range(n)], dtype=torch.float64)
-    y = torch.tensor(step_seconds, dtype=torch.float64)
+def fit_steps(prefixes: list, seconds: list, length: int) -> float:
+    """Seconds of all `length` uncached steps from steps timed at a few prefix lengths: step i
+    recomputes i + 3 positions, time = a + b·positions by least squares."""
+    x, y = torch.tensor(prefixes, dtype=torch.float64) + 2, torch.tensor(seconds, dtype=torch.float64)
     b = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
     a = y.mean() - b * x.mean()
-    return float(sum(a + b * (start + i) for i in range(length)))
+    return float(sum(a + b * (i + 3) for i in range(length)))
+
+
+@torch.no_grad()
+def uncached_step(model: RasterAR, B: int, prefix: int, device) -> float:
+    """Seconds of one uncached sampling step at `prefix` tokens (RasterAR.sample(use_cache=False):
+    the model over condition, SOS and the prefix, the head at the last position)."""
+    c = model.embed_condition(Condition(labels=torch.zeros(B, dtype=torch.long, device=device)))
+    tokens = torch.zeros(B, prefix, dtype=torch.long, device=device)
+    t0 = time.perf_counter()
+    h = model.run(torch.cat((model.prefix(c), model.emb(tokens) + model.pos_emb.weight[1:prefix + 1]), 1))
+    model.head(h[:, -1:])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def bench_raster(args, device) -> list:
-    run_cfg = load_config(RasterRunConfig, args.config)
-    full = run_cfg.num_tokens
+    cfg = load_config(RasterRunConfig, args.config)
+    full = cfg.num_tokens
     n = min(args.tokens or full, full)
-    cfg = RasterRunConfig(**{**model_config(run_cfg), "num_tokens": n})
     torch.manual_seed(0)
     model = RasterAR(cfg).to(device).eval()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-    part = f"first {n} of {full} steps timed, the rest extrapolated" if n < full else f"all {full} steps timed"
-    print(f"{args.config.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {part}, "
-          f"device {device}, {'bf16' if args.bf16 else 'fp32'}, {torch.get_num_threads()} CPU threads")
+    prefixes = sorted({1, max(1, n // 4), max(1, n // 2), n})
+    part = (f"cached: the first {n} of {full} steps timed, their mean x {full}; uncached: one step at each prefix "
+            f"{prefixes}, a + b·positions fitted and summed over the {full} steps") if n < full else f"all {full} steps timed"
+    print(f"{args.config.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, device {device}, "
+          f"{'bf16' if args.bf16 else 'fp32'}, {torch.get_num_threads()} CPU threads\n{part}")
     print(f"{'batch':>5} {'cache':>5} {'timed s':>9} {'s/token':>9} {'full s':>9} {'tokens/s':>9} {'peak MB':>9}")
     rows = []
     for B in (int(b) for b in args.batch.split(",")):
         for cache in (True, False):
-            steps = []
             with autocast:
-                model.sample(None, Condition(labels=torch.zeros(B, dtype=torch.long, device=device)), top_k=250,
-                             seed=0, use_cache=cache, step_seconds=steps)
-            total = extrapolate(steps, 3, full, cache)
+                if n == full or cache:
+                    steps = []
+                    model.sample(None, Condition(labels=torch.zeros(B, dtype=torch.long, device=device)), top_k=250,
+                                 seed=0, use_cache=cache, step_seconds=steps, max_steps=n)
+                    timed, total = sum(steps), sum(steps) / len(steps) * full
+                else:
+                    steps = [uncached_step(model, B, p, device) for p in prefixes]
+                    timed, total = sum(steps), fit_steps(prefixes, steps, full)
             row = dict(config=args.config.name, device=str(device), dtype="bf16" if args.bf16 else "fp32", batch=B,
-                       cache=cache, timed_steps=n, timed_seconds=sum(steps), seconds=total,
-                       extrapolated=n < full, seconds_per_token=total / full, tokens_per_s=B * full / total,
-                       peak_mem_mb=peak_mem_mb(device))
+                       cache=cache, timed_seconds=timed, seconds=total, extrapolated=n < full,
+                       seconds_per_token=total / full, tokens_per_s=B * full / total, peak_mem_mb=peak_mem_mb(device))
             rows.append(row)
-            print(f"{B:>5} {str(cache):>5} {sum(steps):>9.2f} {row['seconds_per_token']:>9.3f} {total:>9.1f} "
+            print(f"{B:>5} {str(cache):>5} {timed:>9.2f} {row['seconds_per_token']:>9.3f} {total:>9.1f} "
                   f"{row['tokens_per_s']:>9.2f} {row['peak_mem_mb']:>9.0f}")
         print(f"      batch {B}: the cache is {rows[-1]['seconds'] / rows[-2]['seconds']:.1f}x faster per generated "
               f"token{' (extrapolated)' if n < full else ''}")

@@ -13,6 +13,7 @@ RUNS=${RUNS:-runs/demo}
 OUT=${OUT:-checkpoints/demo}
 VQVAE_STEPS=${VQVAE_STEPS:-5000}
 DECODER_STEPS=${DECODER_STEPS:-3000}
+ARGUS_TOKENIZER_DATA=${ARGUS_TOKENIZER_DATA:-data/shapes}
 ARGUS_DATA=${ARGUS_DATA:-data/shapes300}
 
 resume() { if compgen -G "$1/train_state*/state.json" > /dev/null; then echo --resume; fi; }
@@ -35,10 +36,12 @@ for kind in text image; do
   python train_ar.py --config "configs/ar/demo_$kind.yaml" --data-dir "$GEN_DATA" --vqvae "$RUNS/vqvae" \
     --out-dir "$RUNS/ar_$kind" $(resume "$RUNS/ar_$kind")
 done
-# Argus-3D: the tokenizer (configs/argus/small.yaml, 2400 steps), the ids of every split, the GPT.
+# Argus-3D: the tokenizer (configs/argus/small.yaml) on the 100 upright objects of the README's
+# training quick start, the ids of 300 upright objects (every split), the class-guided GPT on them.
+python scripts/make_shapes.py --out "$ARGUS_TOKENIZER_DATA" --num 100 --res 64 --seed 0 --upright
 python scripts/make_shapes.py --out "$ARGUS_DATA" --num 300 --res 64 --seed 0 --upright
-python train_vqvae.py --config configs/argus/small.yaml --data-dir "$ARGUS_DATA" --out-dir "$RUNS/argus_tokenizer" \
-  $(resume "$RUNS/argus_tokenizer")
+python train_vqvae.py --config configs/argus/small.yaml --data-dir "$ARGUS_TOKENIZER_DATA" \
+  --out-dir "$RUNS/argus_tokenizer" $(resume "$RUNS/argus_tokenizer")
 for split in train val test; do
   python scripts/precompute.py --data-dir "$ARGUS_DATA" --occupancy-vqvae "$RUNS/argus_tokenizer" --inputs 3000 \
     --split "$split" --overwrite
