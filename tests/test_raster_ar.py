@@ -150,7 +150,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     model = RasterAR(TINY, attn_drop=0.0, resid_drop=0.0, mlp_drop=0.0)
     tokens, cond = torch.randint(0, 64, (3, 16)), Condition(labels=torch.tensor([0, 1, 2]))
     grads, calls = [], []
-    model.blocks[0].mlp.register_forward_hook(lambda *_: calls.append(1))
+    model.blocks[0].ln1.register_forward_pre_hook(lambda *_: calls.append(1))
     for on in (False, True):
         model.checkpointing = on
         model.zero_grad()
