@@ -38,7 +38,6 @@ def random_models(work: Path, cpu: bool) -> dict:
     from transformers import Dinov2Config, Dinov2Model
     from models.ar import NextScaleAR
     from models.vqvae import TriplaneVQVAE
-    from scripts.make_random_clip import save_random_clip
     from trainers.ar import ARRunConfig
     from trainers.cli import model_config
     from trainers.vqvae import VQVAERunConfig
@@ -56,7 +55,9 @@ def random_models(work: Path, cpu: bool) -> dict:
     ar_cfg.pooled_dim = ar_cfg.seq_dim = 1024
     ar_cfg.encoder = str(work / "dinov2")
     save_model(work / "ar_image", NextScaleAR(ar_cfg).state_dict(), model_config(ar_cfg), kind="ar")
-    save_random_clip(work / "clip", width=64 if cpu else 768, layers=2 if cpu else 12, heads=4 if cpu else 12)
+    width, layers, heads = (64, 2, 4) if cpu else (768, 12, 12)
+    subprocess.run([PY, str(ROOT / "scripts" / "make_random_clip.py"), "--out", str(work / "clip"), "--width",
+                    str(width), "--layers", str(layers), "--heads", str(heads)], check=True, cwd=ROOT)
     return {"vqvae": work / "vqvae", "ar_image": work / "ar_image", "clip": work / "clip", "size": size}
 
 

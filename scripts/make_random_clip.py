@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write a randomly initialised CLIP text encoder (character-level tokenizer) with save_pretrained.
 
-    python scripts/make_random_clip.py --out checkpoints/clip-random [--width 64] [--layers 2]
+    python scripts/make_random_clip.py --out checkpoints/clip-random [--width 64] [--layers 2] [--heads 4]
 
 A stand-in for openai/clip-vit-large-patch14 where it cannot be downloaded: its embeddings are a
 fixed (seeded) function of the caption's characters, so a generator can learn from them, but they
@@ -47,9 +47,10 @@ def main(argv=None):
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    save_random_clip(args.out, args.width, args.layers, seed=args.seed)
+    save_random_clip(args.out, args.width, args.layers, args.heads, seed=args.seed)
     print(f"wrote a random {args.width}-wide, {args.layers}-layer CLIP text encoder to {args.out}")
     return 0
 
