@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Caption 3D objects with a trained captioner (SAR3D-LLM): one line "INPUT: caption" per input.
 
+    python caption.py --mesh outputs/a_red_torus_0/mesh.glb        # the demo captioner and VQVAE
     python caption.py --ckpt runs/caption_stage2 --vqvae checkpoints/vqvae --object data/objaverse/1/00001
     python caption.py --ckpt runs/caption_stage2 --vqvae checkpoints/vqvae --tokens outputs/red_torus_0/tokens.npy
     python caption.py --ckpt runs/caption_stage2 --vqvae checkpoints/vqvae --mesh chair.glb \\
@@ -12,13 +13,13 @@ Inputs (each flag may be repeated; the lines follow the order --object, --tokens
   encoded by --vqvae;
 - --tokens FILE.npy: token ids in generator order, all of them (3·Σpn², as sample.py's tokens.npy)
   or the first ones the captioner reads;
-- --mesh FILE (.obj, .ply, .stl, .glb, .gltf): placed as scripts/render_meshes.py does (--up),
-  rendered from the cameras of the encoder's views (datasets/builder.py, configs/data/build.yaml)
-  and encoded by --vqvae.
+- --mesh FILE (.obj, .ply, .stl, .glb, .gltf) or a folder of them: placed as
+  scripts/render_meshes.py does (--up), rendered from the cameras of the encoder's views
+  (datasets/builder.py, configs/data/build.yaml) and encoded by --vqvae.
 
 --ckpt is a train_caption.py output folder; the base LLM it names is read from its folder
 (--llm replaces it). --vqvae is our VQVAE folder or the official vqvae-ckpt.pt; it must be the
-one the captioner was trained with. Greedy by default; --sample draws with --temperature and
+one the captioner was trained with. Both default to the demo's (checkpoints/demo). Greedy by default; --sample draws with --temperature and
 --top-p from --seed. Every input is read (meshes rendered) before the LLM loads.
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ from models.inputs import encoder_views, input_view_sets  # noqa: E402
 from models.layout import check_pair, planes_to_sequence, seq_len, tokenizer_signature  # noqa: E402
 from models.official import load_official  # noqa: E402
 from models.vqvae import TriplaneVQVAE, load_vqvae  # noqa: E402
-from pipelines.sar3d import check_prompt  # noqa: E402
+from pipelines.sar3d import DEMO_DIR, check_prompt  # noqa: E402
 from renderers.mesh_render import render_views  # noqa: E402
 from utils.cli import ArgumentParser, check_device, run  # noqa: E402
 from utils.config import load_config  # noqa: E402
@@ -115,13 +116,30 @@ def mesh_tokens(path: Path, vqvae: TriplaneVQVAE, up: str) -> torch.Tensor:
                        list(range(len(views))))
 
 
+def mesh_files(given: list) -> list:
+    """The --mesh arguments with each folder replaced by its mesh files, sorted."""
+    files = []
+    for path in given:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in MESH_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"--mesh {path}: no mesh files ({', '.join(MESH_SUFFIXES)}) in the folder")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
 def main(argv=None):
     ap = ArgumentParser(description=__doc__)
-    ap.add_argument("--ckpt", required=True, type=Path, help="captioner checkpoint folder (train_caption.py's output)")
-    ap.add_argument("--vqvae", required=True, type=Path, help="the VQVAE the captioner was trained with")
+    ap.add_argument("--ckpt", type=Path, default=DEMO_DIR / "captioner",
+                    help="captioner checkpoint folder (train_caption.py's output; default: the demo's)")
+    ap.add_argument("--vqvae", type=Path, default=DEMO_DIR / "vqvae",
+                    help="the VQVAE the captioner was trained with (default: the demo's)")
     ap.add_argument("--object", action="append", default=[], type=Path, help="G-buffer object folder")
     ap.add_argument("--tokens", action="append", default=[], type=Path, help=".npy file of token ids")
-    ap.add_argument("--mesh", action="append", default=[], type=Path, help="mesh file")
+    ap.add_argument("--mesh", action="append", default=[], type=Path,
+                    help="mesh file, or a folder: every mesh file in it")
     ap.add_argument("--question", help="what to ask (default: the captioning prompt the model was trained on)")
     ap.add_argument("--llm", help="the base LLM's folder, if not where the checkpoint says")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), help="the LLM's weights (default: the config's)")
@@ -153,7 +171,7 @@ def main(argv=None):
     for f in args.tokens:
         names.append(str(f))
         ids.append(read_tokens(f, lengths, vqvae.quantizer.vocab_size))
-    for f in args.mesh:
+    for f in mesh_files(args.mesh):
         names.append(str(f))
         ids.append(mesh_tokens(f, vqvae, args.up))
     del vqvae

@@ -333,11 +333,22 @@ def read_captioner_config(ckpt) -> CaptionerConfig:
         raise CheckpointError(f"{ckpt}: its config is not a captioner's ({e})") from None
 
 
+def _beside(llm: str, ckpt) -> str:
+    """A relative LLM folder as the config names it: from the working directory, else from the
+    first folder above the checkpoint that holds it (a training run names it from where it ran)."""
+    path = Path(llm)
+    if path.is_absolute() or path.exists():
+        return llm
+    found = next((p / path for p in Path(ckpt).resolve().parents if (p / path).is_dir()), None)
+    return str(found) if found is not None else llm
+
+
 def load_captioner(ckpt, device="cpu", llm: str | None = None, dtype: str | None = None) -> Captioner:
     """A Captioner from our checkpoint folder, in eval mode; `llm` replaces the base LLM folder
-    it names (moved elsewhere), `dtype` its weights' dtype (bfloat16 halves a 7B's memory)."""
+    it names (moved elsewhere), `dtype` its weights' dtype (bfloat16 halves a 7B's memory). A
+    relative folder is looked for from the working directory, then above the checkpoint."""
     cfg = read_captioner_config(ckpt)
-    cfg.llm, cfg.dtype = llm or cfg.llm, dtype or cfg.dtype
+    cfg.llm, cfg.dtype = llm or _beside(cfg.llm, ckpt), dtype or cfg.dtype
     model = Captioner(cfg)
     load_trained(model, load_model(ckpt, "captioner")[0], ckpt)
     return model.to(device).eval()

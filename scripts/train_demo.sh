@@ -2,7 +2,8 @@
 # Rebuild the embedded demo models (checkpoints/demo) from nothing, on a CPU: the procedural
 # dataset, the small VQVAE and its decoder fine-tuned with the occupancy term, the same objects
 # upright with their token and condition files, then the text and image generators; and for
-# Argus-3D, the small occupancy tokenizer on upright objects and the class-guided generator.
+# Argus-3D, the small occupancy tokenizer on upright objects and the class-guided generator; the
+# captioner.
 # Every stage resumes where it stopped when the script is run again.
 #   bash scripts/train_demo.sh            # DATA, GEN_DATA, RUNS and OUT override the folders below
 set -euo pipefail
@@ -15,6 +16,7 @@ VQVAE_STEPS=${VQVAE_STEPS:-5000}
 DECODER_STEPS=${DECODER_STEPS:-3000}
 ARGUS_TOKENIZER_DATA=${ARGUS_TOKENIZER_DATA:-data/shapes}
 ARGUS_DATA=${ARGUS_DATA:-data/shapes300}
+CAPTION_DATA=${CAPTION_DATA:-data/caption1k}
 
 resume() { if compgen -G "$1/train_state*/state.json" > /dev/null; then echo --resume; fi; }
 
@@ -48,7 +50,14 @@ for split in train val test; do
 done
 python train_ar.py --config configs/argus/gpt_small.yaml --data-dir "$ARGUS_DATA" --out-dir "$RUNS/argus_class" \
   $(resume "$RUNS/argus_class")
-for m in vqvae_dec ar_text ar_image argus_tokenizer argus_class; do
+# The captioner: a small random LLaMA (word-level tokenizer) trained from scratch on the ids of
+# 1000 upright objects (the first 600 are GEN_DATA's), the last 5 of each category held out.
+python scripts/make_shapes.py --out "$CAPTION_DATA" --num 1000 --res 64 --seed 0 --upright
+python scripts/precompute.py --data-dir "$CAPTION_DATA" --vqvae "$RUNS/vqvae" --overwrite
+python scripts/make_demo_llm.py --out "$OUT/captioner_llm"
+python train_caption.py --config configs/caption/demo.yaml --data-dir "$CAPTION_DATA" --vqvae "$RUNS/vqvae" \
+  --set llm="$OUT/captioner_llm" --out-dir "$RUNS/captioner" $(resume "$RUNS/captioner")
+for m in vqvae_dec ar_text ar_image argus_tokenizer argus_class captioner; do
   dst="$OUT/${m%_dec}"
   mkdir -p "$dst"
   cp "$RUNS/$m/model.safetensors" "$RUNS/$m/config.json" "$dst/"

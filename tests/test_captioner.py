@@ -283,6 +283,15 @@ def test_caption_py_captions_objects_tokens_and_meshes(setup, stage1_run, tmp_pa
     names = [str(data / "box" / "0000"), str(views / "box" / "0000"), str(tokens), str(box)]
     assert [line.split(": ")[0] for line in lines] == names
     assert lines[0].split(": ", 1)[1] == lines[2].split(": ", 1)[1]      # the same ids, the same caption
+    folder = tmp_path / "meshes"                                    # a folder: each mesh file in it, sorted
+    folder.mkdir()
+    m.export(folder / "b.ply")
+    (folder / "a.obj").write_bytes(box.read_bytes())
+    (folder / "notes.txt").write_text("not a mesh")
+    assert caption.main(["--ckpt", str(stage1_run), "--vqvae", str(vqvae), "--mesh", str(folder), "--device", "cpu"]) == 0
+    again = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(": ")[0] for line in again] == [str(folder / "a.obj"), str(folder / "b.ply")]
+    assert again[0].split(": ", 1)[1] == lines[3].split(": ", 1)[1]
     # Views are encoded as scripts/precompute.py encodes them.
     vq = load_vqvae(vqvae)
     encoded = caption.object_tokens(views / "box" / "0000", vq, tokenizer_signature(vq.quantizer)["fingerprint"],
@@ -320,3 +329,6 @@ def test_caption_py_failures_are_one_line(setup, stage1_run, tmp_path, capsys):
     assert "broken.glb" in err and "mesh" in err
     err = _one_line_error(["--ckpt", str(tmp_path / "nothing"), "--vqvae", str(vqvae), *tokens], capsys)
     assert "nothing" in err
+    (tmp_path / "empty").mkdir()
+    err = _one_line_error(["--ckpt", str(stage1_run), "--vqvae", str(vqvae), "--mesh", str(tmp_path / "empty")], capsys)
+    assert "no mesh files" in err and "empty" in err
