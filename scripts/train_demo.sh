@@ -16,7 +16,7 @@ VQVAE_STEPS=${VQVAE_STEPS:-5000}
 DECODER_STEPS=${DECODER_STEPS:-3000}
 ARGUS_TOKENIZER_DATA=${ARGUS_TOKENIZER_DATA:-data/shapes}
 ARGUS_DATA=${ARGUS_DATA:-data/shapes300}
-CAPTION_DATA=${CAPTION_DATA:-data/caption1k}
+CAPTION_DATA=${CAPTION_DATA:-data/caption2k}
 
 resume() { if compgen -G "$1/train_state*/state.json" > /dev/null; then echo --resume; fi; }
 
@@ -51,12 +51,21 @@ done
 python train_ar.py --config configs/argus/gpt_small.yaml --data-dir "$ARGUS_DATA" --out-dir "$RUNS/argus_class" \
   $(resume "$RUNS/argus_class")
 # The captioner: a small random LLaMA (word-level tokenizer) trained from scratch on the ids of
-# 1000 upright objects (the first 600 are GEN_DATA's), the last 5 of each category held out.
-python scripts/make_shapes.py --out "$CAPTION_DATA" --num 1000 --res 64 --seed 0 --upright
-python scripts/precompute.py --data-dir "$CAPTION_DATA" --vqvae "$RUNS/vqvae" --overwrite
+# upright objects (the first 600 are GEN_DATA's), the last 5 of each category held out: 1000
+# steps on 1000 objects, then 1500 more from those weights on 2000 objects.
 python scripts/make_demo_llm.py --out "$OUT/captioner_llm"
-python train_caption.py --config configs/caption/demo.yaml --data-dir "$CAPTION_DATA" --vqvae "$RUNS/vqvae" \
-  --set llm="$OUT/captioner_llm" --out-dir "$RUNS/captioner" $(resume "$RUNS/captioner")
+for num in 1000 2000; do
+  python scripts/make_shapes.py --out "$CAPTION_DATA" --num "$num" --res 64 --seed 0 --upright
+  python scripts/precompute.py --data-dir "$CAPTION_DATA" --vqvae "$RUNS/vqvae"
+  if [ "$num" = 1000 ]; then
+    python train_caption.py --config configs/caption/demo.yaml --data-dir "$CAPTION_DATA" --vqvae "$RUNS/vqvae" \
+      --set llm="$OUT/captioner_llm" --out-dir "$RUNS/captioner_1k" $(resume "$RUNS/captioner_1k")
+  else
+    python train_caption.py --config configs/caption/demo.yaml --data-dir "$CAPTION_DATA" --vqvae "$RUNS/vqvae" \
+      --set llm="$OUT/captioner_llm" --set train.init_from="$RUNS/captioner_1k" --set train.lr=5.0e-4 \
+      --max-steps 1500 --out-dir "$RUNS/captioner" $(resume "$RUNS/captioner")
+  fi
+done
 for m in vqvae_dec ar_text ar_image argus_tokenizer argus_class captioner; do
   dst="$OUT/${m%_dec}"
   mkdir -p "$dst"

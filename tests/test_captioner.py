@@ -4,9 +4,6 @@ leaves the LLM untouched and stage 2 does not, the loss falls and the captions c
 captioner answers as the one in memory, resume is exact, two FSDP processes compute the losses of
 one, the metrics match hand-computed values, and caption.py's failures are one line."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +24,7 @@ from trainers.loop import fit
 from utils.checkpoint import save_model
 from utils.cli import run
 from utils.config import load_config, to_dict
+from tests.helpers import torchrun, train_log
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/caption/tiny.yaml"
@@ -102,10 +100,6 @@ def _train(llm, vqvae, data, out, steps, *extra) -> int:
                                         "--vqvae", str(vqvae), "--out-dir", str(out), "--max-steps", str(steps),
                                         *extra]))
     return e.value.code
-
-
-def _log(out):
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +195,7 @@ def test_resume_gives_the_weights_of_a_straight_run(setup, stage1_run, tmp_path)
     a, b = (load_file(str(d / "model.safetensors")) for d in (stage1_run, tmp_path / "split"))
     assert a.keys() == b.keys() and not any(k.startswith("llm.") for k in a)      # stage 1: the LLM is the base's
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["loss"] for r in _log(stage1_run)] == [r["loss"] for r in _log(tmp_path / "split")]
+    assert [r["loss"] for r in train_log(stage1_run)] == [r["loss"] for r in train_log(tmp_path / "split")]
     # Stage 2 starts from stage 1's weights.
     llm, vqvae, data = setup
     cfg = load_config(CaptionRunConfig, TINY, [f"llm={llm}", "train.stage=2", f"train.init_from={stage1_run}"])
@@ -216,12 +210,8 @@ def test_two_fsdp_processes_compute_the_losses_of_one(setup, tmp_path):
               "--set", "train.lr=1e-3"]
     with pytest.raises(SystemExit):
         run(lambda: train_caption.main([*common, "--out-dir", str(tmp_path / "one")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "train_caption.py"), *common, "--out-dir", str(tmp_path / "two")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
+    torchrun("train_caption.py", [*common, "--out-dir", tmp_path / "two"])
+    one, two = train_log(tmp_path / "one"), train_log(tmp_path / "two")
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]

@@ -1,10 +1,8 @@
 """train_ar.py on tokens precomputed from the tiny dataset: exact resume, two CPU processes under
 torchrun, a falling loss, sample renders, the recipe's schedule and groups, clear errors."""
-import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from trainers.schedule import lr_factor
 from utils.checkpoint import load_model
 from utils.cli import run
 from utils.config import load_config
+from tests.helpers import torchrun, train_log
 
 ROOT = Path(__file__).resolve().parents[1]
 # The tiny generator over the tiny VQVAE's tokens: (1, 2, 4, 8) scales, vocabulary and code width of TINY32.
@@ -52,10 +51,6 @@ def _train(data, out, steps, *extra) -> int:
         return e.code
 
 
-def _log(out):
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-
-
 def test_resume_gives_the_weights_of_a_straight_run(tokens, tmp_path):
     data, _ = tokens
     assert _train(data, tmp_path / "straight", 12) == 0
@@ -64,13 +59,13 @@ def test_resume_gives_the_weights_of_a_straight_run(tokens, tmp_path):
     a, _, _ = load_model(tmp_path / "straight", "ar")
     b, _, _ = load_model(tmp_path / "split", "ar")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["loss"] for r in _log(tmp_path / "straight")] == [r["loss"] for r in _log(tmp_path / "split")]
+    assert [r["loss"] for r in train_log(tmp_path / "straight")] == [r["loss"] for r in train_log(tmp_path / "split")]
 
 
 def test_the_loss_falls_and_the_accuracy_rises(tokens, tmp_path):
     data, _ = tokens
     assert _train(data, tmp_path / "run", 40, "--set", "cond_drop=0.0") == 0
-    log = _log(tmp_path / "run")
+    log = train_log(tmp_path / "run")
     assert sum(r["loss"] for r in log[-5:]) < 0.7 * sum(r["loss"] for r in log[:5])
     assert sum(r["acc"] for r in log[-5:]) > sum(r["acc"] for r in log[:5]) + 0.1
     model = load_ar(tmp_path / "run")
@@ -96,12 +91,8 @@ def test_sample_renders_are_written(tokens, tmp_path):
 def test_two_processes_compute_the_losses_of_one(tokens, tmp_path):
     data, _ = tokens
     assert _train(data, tmp_path / "one", 3) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "train_ar.py"), *_args(data, tmp_path / "two", 3)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for a, b in zip(_log(tmp_path / "one"), _log(tmp_path / "two")):
+    torchrun("train_ar.py", _args(data, tmp_path / "two", 3))
+    for a, b in zip(train_log(tmp_path / "one"), train_log(tmp_path / "two")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["acc"] == pytest.approx(b["acc"], abs=1e-6)
     a, _, _ = load_model(tmp_path / "one", "ar")
     b, _, _ = load_model(tmp_path / "two", "ar")
@@ -121,7 +112,7 @@ def test_train_text_sh_runs_and_resumes(tokens, tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     again = sh("2", "4", "1", str(vqvae), str(out), str(data), "--max-steps", "2", *flags)   # picks up the run
     assert again.returncode == 0, again.stderr[-2000:]
-    assert [r["step"] for r in _log(out)] == [1, 2]
+    assert [r["step"] for r in train_log(out)] == [1, 2]
     usage = sh(str(data))
     assert usage.returncode == 2 and "usage: bash train_text.sh DEPTH BS" in usage.stderr
 

@@ -1,9 +1,6 @@
 """train_vqvae.py with an Argus-3D config (kind: occupancy): exact resume, two gloo processes, the
 official converter kinds, and the loss falling, on the session's tiny dataset."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +11,7 @@ import train_vqvae
 from models.occupancy_vqvae import OccupancyVQVAE, OccupancyVQVAEConfig, load_occupancy_vqvae
 from models.raster_ar import RasterAR, RasterARConfig, load_raster_ar
 from utils.cli import run
+from tests.helpers import torchrun, train_log
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--config", str(ROOT / "configs/argus/tiny.yaml"), "--batch-size", "2", "--set", "train.save_every=1000"]
@@ -26,17 +24,13 @@ def _train(data, out, steps, *extra) -> int:
     return e.value.code
 
 
-def _log(out):
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-
-
 def test_resume_gives_the_weights_of_a_straight_run(shapes_root, tmp_path):
     assert _train(shapes_root, tmp_path / "straight", 6) == 0
     assert _train(shapes_root, tmp_path / "split", 6, "--stop-at", "3") == 0
     assert _train(shapes_root, tmp_path / "split", 6, "--resume") == 0
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("straight", "split"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["loss"] for r in _log(tmp_path / "straight")] == [r["loss"] for r in _log(tmp_path / "split")]
+    assert [r["loss"] for r in train_log(tmp_path / "straight")] == [r["loss"] for r in train_log(tmp_path / "split")]
     model = load_occupancy_vqvae(tmp_path / "straight")
     assert isinstance(model, OccupancyVQVAE) and model.cfg.plane_resolution == 32
 
@@ -45,12 +39,8 @@ def test_two_processes_compute_the_losses_of_one(shapes_root, tmp_path):
     common = [*FAST, "--batch-size", "4", "--max-steps", "3", "--data-dir", str(shapes_root)]
     with pytest.raises(SystemExit):
         run(lambda: train_vqvae.main([*common, "--out-dir", str(tmp_path / "one")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "train_vqvae.py"), *common, "--out-dir", str(tmp_path / "two")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
+    torchrun("train_vqvae.py", [*common, "--out-dir", tmp_path / "two"])
+    one, two = train_log(tmp_path / "one"), train_log(tmp_path / "two")
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):
         for k in ("loss", "occ", "vq"):
@@ -59,7 +49,7 @@ def test_two_processes_compute_the_losses_of_one(shapes_root, tmp_path):
 
 def test_the_occupancy_loss_falls(shapes_root, tmp_path):
     assert _train(shapes_root, tmp_path / "run", 40, "--set", "train.lr=3e-3") == 0
-    log = _log(tmp_path / "run")
+    log = train_log(tmp_path / "run")
     assert sum(r["occ"] for r in log[-5:]) < 0.8 * sum(r["occ"] for r in log[:5])
 
 

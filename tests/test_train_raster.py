@@ -2,9 +2,6 @@
 resume is exact, two gloo processes (DDP and FSDP) compute the losses of one, and bad data is
 one clear line."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ from datasets.gbuffer import CONDITION_FILES
 from datasets.occupancy import OCCUPANCY_TOKENS, write_split_lists
 from models.raster_ar import load_raster_ar
 from utils.cli import run
+from tests.helpers import torchrun, train_log
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--config", str(ROOT / "configs/argus/gpt_tiny.yaml"), "--set", "train.save_every=1000"]
@@ -46,13 +44,9 @@ def _train(data, out, steps, *extra) -> int:
     return e.value.code
 
 
-def _log(out):
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-
-
 def test_the_loss_falls_and_the_model_samples_its_classes(token_data, tmp_path):
     assert _train(token_data, tmp_path / "run", 150, "--set", "train.lr=3e-3", "--set", "train.eval_every=150") == 0
-    log = _log(tmp_path / "run")
+    log = train_log(tmp_path / "run")
     assert np.mean([r["loss"] for r in log[-5:]]) < 0.5 * np.mean([r["loss"] for r in log[:5]])
     model = load_raster_ar(tmp_path / "run")
     assert model.cfg.classes == ("box", "cone", "torus")
@@ -75,23 +69,16 @@ def test_two_processes_compute_the_losses_of_one(token_data, tmp_path, parallel)
               "--set", f"train.parallel={parallel}", "--set", "train.save_every=3", "--set", "train.eval_every=3"]
     with pytest.raises(SystemExit):
         run(lambda: train_ar.main([*common, "--out-dir", str(tmp_path / "one")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "train_ar.py"), *common, "--out-dir", str(tmp_path / "two")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
+    torchrun("train_ar.py", [*common, "--out-dir", tmp_path / "two"])
+    one, two = train_log(tmp_path / "one"), train_log(tmp_path / "two")
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
     w1, w2 = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
     assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
     if parallel == "fsdp":       # the sharded run resumes from its gathered state
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               str(ROOT / "train_ar.py"), *common, "--max-steps", "4", "--resume",
-                               "--out-dir", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert len(_log(tmp_path / "two")) == 4
+        torchrun("train_ar.py", [*common, "--max-steps", "4", "--resume", "--out-dir", tmp_path / "two"])
+        assert len(train_log(tmp_path / "two")) == 4
 
 
 def test_missing_tokens_and_a_mismatched_config_are_one_line(token_data, tmp_path, capsys):

@@ -24,6 +24,7 @@ from trainers.runlog import truncate_log
 from trainers.state import KILL_ENV, STAGES, find_train_state, holds_state, load_train_state, save_train_state
 from utils.checkpoint import CheckpointError
 from utils.lock import FolderLock, LockError
+from tests.helpers import train_log
 
 ROOT = Path(__file__).resolve().parents[1]
 SAVE2 = ("--set", "train.save_every=2")      # saves at steps 2, 4, 6...: a kill finds a previous state
@@ -91,16 +92,12 @@ def straight(job, straight_runs, tmp_path_factory):
     return get
 
 
-def _log(out: Path) -> list:
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-
-
 def _assert_same_run(job: Job, out: Path, ref: Path, steps: int) -> None:
     """Bit-identical weights, each step logged once with the same loss, nothing left over."""
     a, b = job.weights(ref), job.weights(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["step"] for r in _log(out)] == list(range(1, steps + 1))
-    assert [r["loss"] for r in _log(out)] == [r["loss"] for r in _log(ref)]
+    assert [r["step"] for r in train_log(out)] == list(range(1, steps + 1))
+    assert [r["loss"] for r in train_log(out)] == [r["loss"] for r in train_log(ref)]
     assert sorted(p.name for p in out.glob("train_state*")) == ["train_state"]
     assert not (out / ".lock").exists()
 
@@ -134,7 +131,7 @@ def test_a_killed_save_resumes_exactly(job, kill_at, found, straight, tmp_path, 
     out = tmp_path / "run"
     job.killed(out, 6, kill_at)
     assert find_train_state(out) == (out / found[0], found[1])
-    assert [r["step"] for r in _log(out)] == [1, 2, 3, 4]
+    assert [r["step"] for r in train_log(out)] == [1, 2, 3, 4]
     assert job.train(out, 6, *SAVE2) == 2
     assert "already holds a run: pass --resume" in capsys.readouterr().err
     assert find_train_state(out) == (out / found[0], found[1])
@@ -186,7 +183,7 @@ def test_a_second_job_is_refused_and_sigterm_saves_to_resume(shapes_root, straig
         first.wait()
     step = int(last.split()[3].rstrip(";"))
     assert last == f"interrupted at step {step}; resume with --resume" and 1 <= step < 6
-    assert [r["step"] for r in _log(out)] == list(range(1, step + 1)) and find_train_state(out)[1] == step
+    assert [r["step"] for r in train_log(out)] == list(range(1, step + 1)) and find_train_state(out)[1] == step
     assert not (out / ".lock").exists()
     assert job.train(out, 6, *SAVE2, "--resume") == 0
     if ("vqvae", 6) not in straight_runs:

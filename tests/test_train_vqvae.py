@@ -2,7 +2,6 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from trainers.sampler import StepBatches
 from utils.cameras import crop_cameras, normalized_intrinsics, orbit_c2w, pack_cameras
 from utils.cli import run
 from utils.config import load_config
+from tests.helpers import torchrun, train_log
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/vqvae/tiny.yaml"
@@ -39,10 +39,6 @@ def _train(data, out, steps, *extra):
                                                 "--max-steps", str(steps), *extra]))
 
 
-def _log(out):
-    return [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
-
-
 def test_resume_gives_the_weights_of_a_straight_run(shapes_root, tmp_path):
     # A learning-rate schedule that warms up, holds and decays across the break.
     sched = ["--set", "train.warmup=0.2", "--set", "train.hold=0.3", "--set", "train.final_lr=0.1"]
@@ -52,8 +48,8 @@ def test_resume_gives_the_weights_of_a_straight_run(shapes_root, tmp_path):
     for name in ("model.safetensors", "ema/model.safetensors"):
         a, b = load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "split" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    assert [r["loss"] for r in _log(tmp_path / "straight")] == [r["loss"] for r in _log(tmp_path / "split")]
-    factors = [r["lr_factor"] for r in _log(tmp_path / "straight")]
+    assert [r["loss"] for r in train_log(tmp_path / "straight")] == [r["loss"] for r in train_log(tmp_path / "split")]
+    factors = [r["lr_factor"] for r in train_log(tmp_path / "straight")]
     assert factors[0] == pytest.approx(0.005) and factors[4] == 1.0 and factors[-1] == pytest.approx(1 - 0.9 * 10.2 / 11.2)
     state = json.loads((tmp_path / "straight/config.json").read_text())
     assert state["kind"] == "vqvae" and "train" not in state
@@ -80,7 +76,7 @@ def test_the_losses_decrease_on_two_objects(shapes_root, tmp_path, mode):
         lr += ["train.rays_per_view=24", "train.views_per_sample=12", "train.perceptual_weight=0",
                "train.gan_g_weight=0", "train.gan_d_weight=0", "train.view_sets_per_object=1"]
     assert _train(root, tmp_path / "run", 40, *[a for x in lr for a in ("--set", x)]) == 0
-    log = _log(tmp_path / "run")
+    log = train_log(tmp_path / "run")
     for key in ("l1", "alpha"):
         first, last = sum(r[key] for r in log[:5]), sum(r[key] for r in log[-5:])
         assert last < 0.8 * first, key
@@ -98,19 +94,15 @@ def test_decoder_fine_tuning_keeps_the_tokens_and_fits_the_occupancy(shapes_root
     kept = [k for k in params if k.split(".")[0] in frozen]
     assert kept and all(torch.equal(a[k], b[k]) for k in kept)      # every token id stays as it was
     assert any(not torch.equal(a[k], b[k]) for k in params if k.startswith("decoder."))
-    log = _log(tmp_path / "ft")
+    log = train_log(tmp_path / "ft")
     assert sum(r["occ"] for r in log[-5:]) < 0.8 * sum(r["occ"] for r in log[:5])
 
 
 def test_two_processes_compute_the_losses_of_one(shapes_root, tmp_path):
     common = [*FAST, "--batch-size", "4", "--max-steps", "3", "--data-dir", str(shapes_root)]
     assert _exit_code(lambda: train_vqvae.main([*common, "--out-dir", str(tmp_path / "one")])) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "train_vqvae.py"), *common, "--out-dir", str(tmp_path / "two")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
+    torchrun("train_vqvae.py", [*common, "--out-dir", tmp_path / "two"])
+    one, two = train_log(tmp_path / "one"), train_log(tmp_path / "two")
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):
         for k in ("loss", "l1", "alpha", "vq", "g_gan", "d_gan"):
@@ -233,6 +225,6 @@ def test_train_vqvae_sh_runs_and_resumes(shapes_root, tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     again = sh(str(shapes_root), "1", "2", str(out), "--max-steps", "2", *flags)   # picks up the run
     assert again.returncode == 0, again.stderr[-2000:]
-    assert [r["step"] for r in _log(out)] == [1, 2]
+    assert [r["step"] for r in train_log(out)] == [1, 2]
     usage = sh(str(shapes_root))
     assert usage.returncode == 2 and "usage: bash train_vqvae.sh DATA_DIR NUM_GPUS BATCH_SIZE OUT_DIR" in usage.stderr
