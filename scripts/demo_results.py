@@ -6,7 +6,7 @@
     python scripts/demo_results.py --collect             # run nothing: the page from the JSON there is
 
 Each row is one evaluation script on the data `scripts/train_demo.sh` builds (data/upright1k,
-data/shapes1k, data/shapes, data/shapes300, data/caption1k), with its JSON in OUT/<row>/. A row
+data/shapes1k, data/shapes, data/shapes300, data/caption2k), with its JSON in OUT/<row>/. A row
 whose JSON is missing is listed as not run, with its command. The commands are run from the
 repository root, one after another; the page says which CPU or GPU ran them and when.
 """
@@ -74,7 +74,7 @@ ROWS = [
     ("argus_class", "demo class-guided Argus-3D generator, 20 samples per family",
      "scripts/eval_classes.py --data-dir data/shapes300 --per-class 20 --out-dir {out}", "results.json", _classes),
     ("captioner", "demo captioner, held-out objects (greedy)",
-     "scripts/eval_captions.py --ckpt checkpoints/demo/captioner --data-dir data/caption1k --out {out}/results.json",
+     "scripts/eval_captions.py --ckpt checkpoints/demo/captioner --data-dir data/caption2k --out {out}/results.json",
      "results.json", _captions),
 ]
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How well a trained captioner describes held-out objects: greedy captions against theirs.
 
-    python scripts/eval_captions.py --ckpt checkpoints/demo/captioner --data-dir data/shapes300 \\
+    python scripts/eval_captions.py --ckpt checkpoints/demo/captioner --data-dir data/caption2k \\
         [--holdout 5] [--batch-size 10] [--out outputs/eval_captions/results.json]
 
 The objects are the held-out split of a token dataset (scripts/precompute.py wrote their ids; the

@@ -290,6 +290,26 @@ def test_caption_py_captions_objects_tokens_and_meshes(setup, stage1_run, tmp_pa
     assert torch.equal(encoded, torch.from_numpy(np.load(views / "box" / "0000" / TOKEN_FILES["gt_BL"])))
 
 
+def test_eval_captions_scores_the_held_out_objects(setup, stage1_run, tmp_path, capsys):
+    """scripts/eval_captions.py captions the last --holdout objects of each category, greedily, and
+    writes what caption.py says of the same ids with the scores of evaluation/captions.py."""
+    from scripts.eval_captions import main as eval_captions
+    _, vqvae, data = setup
+    out = tmp_path / "eval.json"
+    assert eval_captions(["--ckpt", str(stage1_run), "--data-dir", str(data), "--holdout", "1", "--batch-size", "2",
+                          "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    held = [f"{cat}/0001" for cat in CAPTIONS]
+    assert report["num_objects"] == 3 and [o["object"] for o in report["per_object"]] == held
+    assert [o["reference"] for o in report["per_object"]] == [c[1] for c in CAPTIONS.values()]
+    captions = [o["caption"] for o in report["per_object"]]
+    assert report["scores"] == caption_scores(captions, [[c[1]] for c in CAPTIONS.values()])
+    capsys.readouterr()
+    assert caption.main(["--ckpt", str(stage1_run), "--vqvae", str(vqvae), "--device", "cpu",
+                         *[a for h in held for a in ("--object", str(data / h))]]) == 0
+    assert [line.split(": ", 1)[1] for line in capsys.readouterr().out.strip().splitlines()] == captions
+
+
 def _one_line_error(args, capsys) -> str:
     with pytest.raises(SystemExit) as e:
         run(lambda: caption.main(args))
