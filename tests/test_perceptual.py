@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from losses.perceptual import SCALE, SHIFT, TAPS, VGG16, LPIPS, load_lpips
 from scripts.make_lpips_weights import main as make_weights
-from tests.test_train_vqvae import _log, _train
+from tests.helpers import train_log
+from tests.test_train_vqvae import _train
 from utils.checkpoint import CheckpointError
 
 
@@ -85,5 +86,5 @@ def test_training_uses_lpips_when_its_weights_exist(shapes_root, tmp_path):
     _, _, path = _public_files(tmp_path)
     assert _train(shapes_root, tmp_path / "run", 2, "--set", f"train.lpips_weights={path}",
                   "--set", "train.perceptual_start=0") == 0
-    assert all(r["lpips"] > 0 for r in _log(tmp_path / "run"))
+    assert all(r["lpips"] > 0 for r in train_log(tmp_path / "run"))
     assert json.loads((tmp_path / "run/config.json").read_text())["kind"] == "vqvae"
