@@ -5,6 +5,7 @@ mesh, turntable and preview.
 
     python sample.py --prompt "a red torus"
     python sample.py --prompts test_files/test_text.json --num-samples 2 --seed 1
+    python sample.py --prompts test_files/test_text.json --batch-size 8 --precision int8   # batched, faster CPU path
     python sample.py --image test_files/images/            # a file or a folder of images
     python sample.py --official --prompt "a wooden chair"  # the official weights in checkpoints/
     python sample.py --cate torus --batch-size 16          # Argus-3D: the demo's class-guided model
@@ -34,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from models.precision import PRECISIONS  # noqa: E402
 from pipelines.argus import ArgusPipeline, ArgusSampling  # noqa: E402
 from pipelines.sar3d import (MAX_SAMPLES, MESH_FORMATS, OFFICIAL_DIR, SamplingConfig, SAR3DPipeline,  # noqa: E402
                              check_prompt, load_image)
@@ -113,8 +115,11 @@ def parse_args(argv=None):
     src.add_argument("--cate", help="Argus-3D: a category of the class-guided generator (the official: chair, table, ...)")
     ap.add_argument("--model", choices=("sar3d", "argus"), help="the generator family (default: argus for --cate or "
                     "an Argus-3D --ar, else sar3d)")
-    ap.add_argument("--num-samples", "--batch-size", type=int, default=1,
-                    help=f"objects per prompt, image or category, sampled as one batch (at most {MAX_SAMPLES})")
+    ap.add_argument("--num-samples", type=int, help="objects per prompt, image or category (default 1; with a single "
+                    "input and --batch-size N, N: the official Argus-3D `--batch_size 16 --cate chair`)")
+    ap.add_argument("--batch-size", type=int, help=f"objects sampled together (at most {MAX_SAMPLES}): SAR3D prompts "
+                    "or images are grouped up to it, each batch drawn from one generator seeded with the seed of its "
+                    "first input (default: one input per batch)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of the first input (the i-th: seed + i)")
     ap.add_argument("--guidance", "--cfg", type=float,
                     help=f"classifier-free guidance weight (default: the official {d.guidance:g} for SAR3D, "
@@ -137,6 +142,8 @@ def parse_args(argv=None):
     ap.add_argument("--frames", type=int, default=24, help="turntable frames (15 degrees apart by default)")
     ap.add_argument("--no-video", action="store_true", help="skip the turntable MP4 and GIF")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--precision", default="fp32", choices=PRECISIONS, help="the SAR3D generator's: fp32, int8 "
+                    "(CPU: dynamic int8 linear layers, faster, slightly different draws) or bf16 (autocast)")
     ap.add_argument("--output-dir", type=Path, default=Path("outputs"), help="one folder per object goes here")
     args = ap.parse_args(argv)
     if args.decoder not in ("nerf", "flexicubes"):
@@ -145,12 +152,13 @@ def parse_args(argv=None):
     bad = [f for f in args.formats if f not in MESH_FORMATS]
     if bad or not args.formats:
         raise ValueError(f"--formats: unknown {', '.join(bad) or 'empty list'}; use {', '.join(f[1:] for f in MESH_FORMATS)}")
-    for name in ("num_samples", "frames", "render_resolution", "mesh_resolution"):
-        if getattr(args, name) < (2 if name == "mesh_resolution" else 1):
+    for name in ("num_samples", "batch_size", "frames", "render_resolution", "mesh_resolution"):
+        if getattr(args, name) is not None and getattr(args, name) < (2 if name == "mesh_resolution" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.num_samples > MAX_SAMPLES:
-        raise ValueError(f"--num-samples {args.num_samples}: at most {MAX_SAMPLES} objects per input in one run; "
-                         "run again with another --seed for more")
+    for name in ("num_samples", "batch_size"):
+        if (getattr(args, name) or 0) > MAX_SAMPLES:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: at most {MAX_SAMPLES} objects in one "
+                             "batch; run again with another --seed for more")
     for name, high in LIMITS.items():
         if getattr(args, name) > high:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: at most {high}")
@@ -191,6 +199,17 @@ def main(argv=None) -> int:
         lock.release()
 
 
+def plan_batches(inputs: int, num_samples: int | None, batch_size: int | None, model: str) -> tuple[int, int]:
+    """(objects per input, inputs per batch) from --num-samples and --batch-size: a single input
+    with only --batch-size N gets N objects (the official Argus-3D flag); otherwise SAR3D inputs
+    are grouped so that a batch holds at most max(N, objects per input) objects."""
+    if num_samples is None:
+        num_samples = batch_size if batch_size and inputs == 1 else 1
+    if model != "sar3d":
+        return num_samples, 1
+    return num_samples, max(1, (batch_size or num_samples) // num_samples)
+
+
 def generate(args, kind: str, inputs: list, names: list) -> int:
     """Load the models, then sample, decode and write every input's objects."""
     t0 = time.perf_counter()
@@ -203,17 +222,20 @@ def generate(args, kind: str, inputs: list, names: list) -> int:
     else:
         pipe = SAR3DPipeline.from_pretrained(OFFICIAL_DIR if args.official else None, kind, vqvae=args.vqvae,
                                              ar=args.ar, encoder=getattr(args, f"{kind}_encoder"),
-                                             decoder=args.decoder, device=args.device)
+                                             decoder=args.decoder, device=args.device, precision=args.precision)
         options = {"mesh_resolution": args.mesh_resolution}
     print(f"loaded models in {time.perf_counter() - t0:.1f} s", flush=True)
-    for i, (x, name) in enumerate(zip(inputs, names)):
-        objects = pipe(x, args.num_samples, args.seed + i, args.sampling, frames=args.frames,
-                       render_resolution=args.render_resolution, video=not args.no_video, **options)
+    num_samples, per_batch = plan_batches(len(inputs), args.num_samples, args.batch_size, args.model)
+    for start in range(0, len(inputs), per_batch):
+        xs, batch_names = inputs[start:start + per_batch], names[start:start + per_batch]
+        objects = pipe(xs if args.model == "sar3d" else xs[0], num_samples, args.seed + start, args.sampling,
+                       frames=args.frames, render_resolution=args.render_resolution, video=not args.no_video,
+                       **options)
         times: dict = {"write": 0.0}
         empty = 0
-        for k, obj in enumerate(objects):
+        for j, obj in enumerate(objects):
             t = time.perf_counter()
-            out = new_folder(args.output_dir, f"{name}_{k}")
+            out = new_folder(args.output_dir, f"{batch_names[j // num_samples]}_{j % num_samples}")
             try:
                 obj.save(out, args.formats, video=not args.no_video)
             except OSError as e:
@@ -226,7 +248,8 @@ def generate(args, kind: str, inputs: list, names: list) -> int:
             print(f"wrote {out}", flush=True)
             for stage, seconds in obj.times.items():
                 times[stage] = seconds if stage in ("encode", "sample", "decode") else times.get(stage, 0) + seconds
-        print(f"[{i + 1}/{len(inputs)}] {name}: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items())
+        label = batch_names[0] if len(xs) == 1 else f"{len(xs)} inputs in one batch ({', '.join(batch_names)})"
+        print(f"[{start + len(xs)}/{len(inputs)}] {label}: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items())
               + (f"; {empty} of {len(objects)} samples empty (no mesh)" if empty else ""), flush=True)
     return 0
 

@@ -243,7 +243,7 @@ class NextScaleAR(nn.Module):
     def sample(self, quantizer, cond: Condition, uncond: Condition | None = None, *, batch: int | None = None,
                guidance: float = 4.0, top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0,
                seed: int | None = None, generator: torch.Generator | None = None, use_cache: bool = True,
-               scale_seconds: list | None = None) -> list:
+               static_cache: bool = False, scale_seconds: list | None = None) -> list:
         """Sample token ids scale by scale, always in eval mode.
 
         quantizer: the VQVAE's TriplaneQuantizer (builds each next scale's input).
@@ -254,6 +254,8 @@ class NextScaleAR(nn.Module):
             model with no condition samples unguided.
         seed or generator: the sampling randomness (a seed builds a generator on the model's device).
         use_cache: keep self-attention keys/values (True), or rerun the whole prefix at every scale.
+        static_cache: keep them in buffers of the whole sequence's length allocated once (the same
+            tokens; static shapes for CUDA graphs) rather than concatenating them scale by scale.
         scale_seconds: a list that receives the wall time of each scale (benchmarks).
         Returns idx per scale, each (B·3, pn²), rows 3b+p: `vqvae.decode_tokens(idx)` decodes them.
         """
@@ -273,18 +275,19 @@ class NextScaleAR(nn.Module):
         was_training = self.training
         self.eval()
         try:
+            cache = KVCache(capacity=self.cfg.seq_len if static_cache else 0) if use_cache else None
             return self._sample_loop(quantizer, cond, B, guided, guidance, top_k, top_p, temperature, generator,
-                                     use_cache, scale_seconds)
+                                     cache, scale_seconds)
         finally:
             self.train(was_training)
 
-    def _sample_loop(self, quantizer, cond, B, guided, guidance, top_k, top_p, temperature, generator, use_cache,
+    def _sample_loop(self, quantizer, cond, B, guided, guidance, top_k, top_p, temperature, generator, cache,
                      scale_seconds):
         pn_list, S = self.cfg.patch_nums, len(self.cfg.patch_nums)
         tick = time.perf_counter()
         cond_BD, k_v = self.embed_condition(cond)
         pos = self.positions()
-        cache = KVCache() if use_cache else None
+        use_cache = cache is not None
         n0 = NUM_PLANES * self.first_l
         x_in = self.start_tokens(cond_BD) + pos[:, :n0]
         seq, cur, idx_out = x_in, 0, []

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.precision import linear
+
 try:                                   # optional; the SDPA path below is the reference
     from flash_attn import flash_attn_func
 except ImportError:                    # also covers a flash-attn built for another torch
@@ -41,9 +43,38 @@ def attend(q_BHLc: torch.Tensor, k_BHTc: torch.Tensor, v_BHTc: torch.Tensor, mas
 
 @dataclass
 class KVCache:
-    """Self-attention keys and values of the tokens seen so far, per block, for sampling."""
+    """Self-attention keys and values of the tokens seen so far, per block, for sampling.
+
+    capacity 0: each scale's keys/values are concatenated to the block's. capacity N: each block
+    writes into one (B, H, N, c) buffer allocated at its first call (static shapes, no copies of
+    the past: what a CUDA graph needs); attention reads the filled part, so the tokens are the same."""
+    capacity: int = 0
     k: list = field(default_factory=list)
     v: list = field(default_factory=list)
+    filled: list = field(default_factory=list)
+
+    def update(self, block: int, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor) -> tuple:
+        """Add this block's new keys/values; returns all of them so far."""
+        if len(self.k) <= block:
+            if not self.capacity:
+                self.k.append(k_BHLc)
+                self.v.append(v_BHLc)
+                return k_BHLc, v_BHLc
+            B, H, _, c = k_BHLc.shape
+            self.k.append(k_BHLc.new_empty(B, H, self.capacity, c))
+            self.v.append(v_BHLc.new_empty(B, H, self.capacity, c))
+            self.filled.append(0)
+        if not self.capacity:
+            self.k[block] = torch.cat((self.k[block], k_BHLc), dim=2)
+            self.v[block] = torch.cat((self.v[block], v_BHLc), dim=2)
+            return self.k[block], self.v[block]
+        start, end = self.filled[block], self.filled[block] + k_BHLc.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KVCache: {end} positions do not fit its capacity {self.capacity}")
+        self.k[block][:, :, start:end] = k_BHLc
+        self.v[block][:, :, start:end] = v_BHLc
+        self.filled[block] = end
+        return self.k[block][:, :, :end], self.v[block][:, :, :end]
 
 
 class _L2Attention(nn.Module):
@@ -60,6 +91,16 @@ class _L2Attention(nn.Module):
         B, L, D = x_BLD.shape
         return x_BLD.view(B, L, self.num_heads, D // self.num_heads).transpose(1, 2)
 
+    def fold_biases(self) -> None:
+        """Give each bias-free projection its bias (a frozen copy) before int8 quantisation
+        (models/precision.py): the quantised matmul then adds it."""
+        folds = {"mat_qkv": (self.q_bias, self.zero_k_bias, self.v_bias), "mat_q": (self.q_bias,),
+                 "mat_kv": (self.zero_k_bias, self.v_bias)}
+        for name, parts in folds.items():
+            layer = getattr(self, name, None)
+            if layer is not None and layer.bias is None:
+                layer.bias = nn.Parameter(torch.cat(parts).detach().clone(), requires_grad=False)
+
     def scaled_q(self, q_BHLc: torch.Tensor) -> torch.Tensor:
         return F.normalize(q_BHLc, dim=-1) * self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp()
 
@@ -74,16 +115,11 @@ class SelfAttention(_L2Attention):
 
     def forward(self, x_BLC: torch.Tensor, mask_LL: torch.Tensor | None, cache: KVCache | None = None,
                 block: int = 0) -> torch.Tensor:
-        qkv = F.linear(x_BLC, self.mat_qkv.weight, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)))
+        qkv = linear(self.mat_qkv, x_BLC, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)))
         q, k, v = (self.heads(t) for t in qkv.chunk(3, dim=-1))
         k = F.normalize(k, dim=-1)
         if cache is not None:
-            if len(cache.k) > block:
-                k = cache.k[block] = torch.cat((cache.k[block], k), dim=2)
-                v = cache.v[block] = torch.cat((cache.v[block], v), dim=2)
-            else:
-                cache.k.append(k)
-                cache.v.append(v)
+            k, v = cache.update(block, k, v)
         return self.proj(attend(self.scaled_q(q), k, v, mask_LL))
 
 
@@ -97,12 +133,12 @@ class CrossAttention(_L2Attention):
         self.mat_kv = nn.Linear(kv_dim, 2 * dim, bias=False)
 
     def keys_values(self, kv_BTD: torch.Tensor) -> tuple:
-        kv = F.linear(kv_BTD, self.mat_kv.weight, torch.cat((self.zero_k_bias, self.v_bias)))
+        kv = linear(self.mat_kv, kv_BTD, torch.cat((self.zero_k_bias, self.v_bias)))
         k, v = (self.heads(t) for t in kv.chunk(2, dim=-1))
         return F.normalize(k, dim=-1), v
 
     def forward(self, x_BLC: torch.Tensor, k_v: tuple) -> torch.Tensor:
-        q = self.heads(F.linear(x_BLC, self.mat_q.weight, self.q_bias))
+        q = self.heads(linear(self.mat_q, x_BLC, self.q_bias))
         return self.proj(attend(self.scaled_q(q), *k_v, None))
 
 

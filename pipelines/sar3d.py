@@ -27,6 +27,7 @@ from tqdm import tqdm
 from models.ar import Condition, NextScaleAR, load_ar
 from models.conditioners import load_conditioner, pil_to_tensor
 from models.layout import check_pair, object_sequence, tokenizer_signature
+from models.precision import autocast, check_precision, set_precision
 from models.official import FILE_NAMES, load_official
 from models.vqvae import TriplaneVQVAE, load_vqvae
 from renderers.mesh_render import ColoredMesh, render_views
@@ -39,7 +40,7 @@ DEMO_DIR = ROOT / "checkpoints" / "demo"
 OFFICIAL_DIR = ROOT / "checkpoints"
 
 
-MAX_SAMPLES = 64                # objects per input in one call (each is a full decode, mesh and render)
+MAX_SAMPLES = 64                # objects in one call (each is a full decode, mesh and render)
 MAX_SIDE = 4096                 # pixels a side of an input image
 
 
@@ -276,28 +277,31 @@ class SAR3DPipeline(Decoder3D):
     condition kind ("text" or "image")."""
 
     def __init__(self, condition: str, vqvae: TriplaneVQVAE, ar: NextScaleAR, encoder, device=None,
-                 names: tuple = ("the VQVAE", "the generator")):
+                 names: tuple = ("the VQVAE", "the generator"), precision: str = "fp32"):
         check_pair(tokenizer_signature(vqvae.quantizer), vars(ar.cfg), *names)
         want = {ar.cfg.pooled_dim} | ({ar.cfg.seq_dim} if ar.cfg.cross_attn != "none" else set())
         if want != {encoder.dim}:
             raise ValueError(f"the {condition} encoder gives {encoder.dim}-wide embeddings but the generator expects "
                              f"{sorted(want)}: pass the encoder it was trained with (--{condition}-encoder)")
         super().__init__(vqvae, device)
-        self.condition, self.ar, self.encoder = condition, ar, encoder
+        self.condition, self.encoder, self.precision = condition, encoder, precision
+        self.ar = set_precision(ar, precision, self.device)
         tokens, pooled = encoder.empty()
         self.uncond = Condition(pooled=pooled, tokens=tokens)
 
     @classmethod
     def from_pretrained(cls, folder=None, condition: str = "text", *, vqvae=None, ar=None, encoder=None,
-                        decoder: str = "nerf", device=None) -> "SAR3DPipeline":
+                        decoder: str = "nerf", device=None, precision: str = "fp32") -> "SAR3DPipeline":
         """The models of a pipeline folder (default: the embedded demo, checkpoints/demo); `vqvae`
         and `ar` override its checkpoints (our folders or official files), `encoder` the
-        condition encoder the generator was trained with (models/conditioners.py sources)."""
+        condition encoder the generator was trained with (models/conditioners.py sources);
+        precision: the generator's (models/precision.py: fp32, int8 on CPU, bf16)."""
         if condition not in ("text", "image"):
             raise ValueError(f"condition must be text or image, got {condition!r}")
         if decoder not in ("nerf", "flexicubes"):
             raise ValueError(f"--decoder {decoder!r}: use nerf or flexicubes")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_precision(precision, device)
         folder = Path(folder) if folder is not None else DEMO_DIR
         vq_kind = "vqvae-flexicubes" if decoder == "flexicubes" else "vqvae"
         vq_src = _checkpoint(folder, vq_kind.replace("-", "_"), FILE_NAMES[vq_kind], "--vqvae", vqvae)
@@ -307,22 +311,26 @@ class SAR3DPipeline(Decoder3D):
         names = (f"the VQVAE {vq_src}", f"the generator {ar_src}")
         check_pair(tokenizer_signature(vq_model.quantizer), vars(ar_model.cfg), *names)   # before the encoder loads
         enc = load_conditioner(condition, encoder or ar_model.cfg.encoder or None, device)
-        return cls(condition, vq_model, ar_model, enc, device, names)
+        return cls(condition, vq_model, ar_model, enc, device, names, precision)
 
     @torch.no_grad()
     def sample_tokens(self, x, num_samples: int = 1, seed: int = 0, sampling: SamplingConfig | None = None,
                       times: dict | None = None) -> list:
-        """Token ids of num_samples objects for one input (a prompt, or an image (3, H, W) in
-        [0, 1]): per scale (num_samples·3, pn²). `times` receives the encode and sample seconds."""
+        """Token ids of num_samples objects for an input (a prompt, or an image (3, H, W) in
+        [0, 1]) or for each of a list of them, all sampled as one batch with one generator
+        seeded by `seed` (so a batch's draws differ from those of its inputs alone): per scale
+        (N·num_samples·3, pn²), input by input. `times` receives the encode and sample seconds."""
         s = sampling or SamplingConfig()
         times = {} if times is None else times
         t = time.perf_counter()
-        tokens, pooled = self.encoder.encode([x])
+        tokens, pooled = self.encoder.encode(x if isinstance(x, list) else [x])
         times["encode"] = time.perf_counter() - t
         t = time.perf_counter()
-        cond = Condition(pooled=pooled.expand(num_samples, -1), tokens=tokens.expand(num_samples, -1, -1))
-        idx = self.ar.sample(self.vqvae.quantizer, cond, self.uncond, guidance=s.guidance, top_k=s.top_k,
-                             top_p=s.top_p, temperature=s.temperature, seed=seed)
+        cond = Condition(pooled=pooled.repeat_interleave(num_samples, 0),
+                         tokens=tokens.repeat_interleave(num_samples, 0))
+        with autocast(self.precision, self.device):
+            idx = self.ar.sample(self.vqvae.quantizer, cond, self.uncond, guidance=s.guidance, top_k=s.top_k,
+                                 top_p=s.top_p, temperature=s.temperature, seed=seed)
         times["sample"] = time.perf_counter() - t
         return idx
 
@@ -348,26 +356,30 @@ class SAR3DPipeline(Decoder3D):
                  mesh_resolution: int = 128, frames: int = 24, render_resolution: int = 128,
                  mesh: bool = True, video: bool = True, render_source: str = "auto",
                  progress: bool | None = None) -> list[Object3D]:
-        """Sample objects for one input: a prompt, an image (3, H, W) tensor in [0, 1], a PIL
-        image or an image path. Returns num_samples Object3D, each with its mesh (mesh=True) and
+        """Sample objects for one input (a prompt, an image (3, H, W) tensor in [0, 1], a PIL
+        image or an image path) or for a list of inputs, sampled as one batch (sample_tokens).
+        Returns num_samples Object3D per input, input by input, each with its mesh (mesh=True) and
         turntable of `frames` views (0: none), or with video=False only the up to 8 of them that
         preview.png shows; their times hold the whole batch's encode, sample and decode seconds
         and the object's own mesh and render seconds. render_source: "auto" (the mesh when there
         is one, else the field), "mesh" or "field" (Decoder3D.views); progress: a tqdm bar over
         the rendered views (None: on a terminal)."""
-        x = self._input(x)
-        if not (isinstance(num_samples, int) and 1 <= num_samples <= MAX_SAMPLES):
-            raise ValueError(f"--num-samples {num_samples!r}: between 1 and {MAX_SAMPLES} objects per input")
+        if isinstance(x, list) and not x:
+            raise ValueError("no inputs: pass a prompt or image, or a list of them")
+        xs = [self._input(v) for v in x] if isinstance(x, list) else [self._input(x)]
+        if not (isinstance(num_samples, int) and 1 <= num_samples <= MAX_SAMPLES // len(xs)):
+            raise ValueError(f"--num-samples {num_samples!r}: between 1 and {MAX_SAMPLES} objects in one batch "
+                             f"({len(xs)} inputs)")
         times: dict = {}
-        idx = self.sample_tokens(x, num_samples, seed, sampling, times)
+        idx = self.sample_tokens(xs if isinstance(x, list) else xs[0], num_samples, seed, sampling, times)
         t = time.perf_counter()
         planes = self.triplanes(idx)
         times["decode"] = time.perf_counter() - t
         out = []
-        for k in range(num_samples):
+        for k in range(len(xs) * num_samples):
             obj = Object3D(tokens=object_sequence(idx, k).cpu().numpy().astype(np.int64),
                            triplane=planes[k:k + 1], times=dict(times),
-                           image=x if self.condition == "image" else None)
+                           image=xs[k // num_samples] if self.condition == "image" else None)
             t = time.perf_counter()
             if mesh:
                 try:

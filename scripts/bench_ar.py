@@ -1,15 +1,26 @@
 #!/usr/bin/env python
-"""Sampling speed of the generator, with and without the KV cache.
+"""Sampling speed of the generator: with and without the KV cache, at each precision and batch,
+and against what the machine can do.
 
-    python scripts/bench_ar.py --config configs/ar/paper_image.yaml --batch 1
-    python scripts/bench_ar.py --config configs/ar/paper_text.yaml --device cuda --batch 1,8,32 --json bench.json
+    python scripts/bench_ar.py --config configs/ar/paper_text.yaml --batch 1 --precision fp32,int8
+    python scripts/bench_ar.py --config checkpoints/demo/ar_text --batch 1,8,32 --cache on --no-roofline
+    python scripts/bench_ar.py --config configs/ar/paper_image.yaml --device cuda --batch 1,32 --precision bf16
     python scripts/bench_ar.py --config configs/argus/gpt_paper.yaml --batch 1,16 --tokens 16   # Argus-3D
 
-The model and the quantizer are built from the config with random weights (speed does not depend
-on the values); conditions are random tensors of the encoder's shape (256 DINOv2 tokens, 77 CLIP
-tokens), guidance on (the batch is doubled) as in sampling. Prints one row per (batch, cache):
-total seconds, tokens per second (B·L / seconds), peak memory (CUDA: allocated by torch; CPU: the
-process's peak resident size so far) and the time of each scale.
+--config is a generator config (random weights: speed does not depend on the values) or a trained
+generator folder (its weights: the token agreement of int8 with fp32 then means something).
+Conditions are random tensors of the encoder's shape (256 DINOv2 tokens, 77 CLIP tokens),
+guidance on (the batch is doubled) as in sampling, seeds 0, 1, ... for the warm-up and timed
+runs. One row per (precision, batch, cache): seconds per batch, objects and tokens per second,
+peak memory (CUDA: allocated by torch; CPU: the process's peak resident size so far), the time of
+each scale, and for int8/bf16 (and the static cache) the share of tokens equal to fp32's (the
+dynamic cache's) with the same seeds.
+
+The roofline table (one more cached run per precision and batch, inside utils.roofline.OpMeter):
+GFLOP per object of the linear layers and of attention; GFLOP/s of the whole sampler (all counted
+FLOPs over the timed run's seconds), of its linear layers and of its attention (each over its own
+time); the matmul limit, the rate of the same matmul shapes run alone on this device and dtype;
+and the linear layers' share of that limit.
 
 An Argus-3D config (kind: raster) samples class-guided with the official top-k 250. --tokens N
 times only the start and extrapolates to the whole sequence, saying so: cached, the first N
@@ -18,7 +29,9 @@ recomputes its prefix: time = a + b·positions, fitted and summed over all steps
 """
 from __future__ import annotations
 
+import copy
 import json
+import platform
 import resource
 import sys
 import time
@@ -28,13 +41,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from models.ar import ARConfig, Condition, NextScaleAR  # noqa: E402
+from models.ar import ARConfig, Condition, NextScaleAR, load_ar  # noqa: E402
+from models.precision import PRECISIONS, autocast, check_precision, set_precision  # noqa: E402
 from models.quantizer import TriplaneQuantizer  # noqa: E402
 from models.raster_ar import RasterAR  # noqa: E402
 from trainers.ar import ARRunConfig  # noqa: E402
 from trainers.raster_ar import RasterRunConfig  # noqa: E402
 from utils.cli import ArgumentParser, run  # noqa: E402
 from utils.config import load_config, read_yaml  # noqa: E402
+from utils.roofline import OpMeter  # noqa: E402
 
 SEQ_LEN = {"image": 256, "text": 77}
 
@@ -87,17 +102,18 @@ def bench_raster(args, device) -> list:
     n = min(args.tokens or full, full)
     torch.manual_seed(0)
     model = RasterAR(cfg).to(device).eval()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    precision = args.precision[0]
+    model = set_precision(model, precision, device)
     prefixes = sorted({1, max(1, n // 4), max(1, n // 2), n})
     part = (f"cached: the first {n} of {full} steps timed, their mean x {full}; uncached: one step at each prefix "
             f"{prefixes}, a + b·positions fitted and summed over the {full} steps") if n < full else f"all {full} steps timed"
     print(f"{args.config.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, device {device}, "
-          f"{'bf16' if args.bf16 else 'fp32'}, {torch.get_num_threads()} CPU threads\n{part}")
+          f"{precision}, {torch.get_num_threads()} CPU threads\n{part}")
     print(f"{'batch':>5} {'cache':>5} {'timed s':>9} {'s/token':>9} {'full s':>9} {'tokens/s':>9} {'peak MB':>9}")
     rows = []
-    for B in (int(b) for b in args.batch.split(",")):
+    for B in args.batch:
         for cache in (True, False):
-            with autocast:
+            with autocast(precision, device):
                 if n == full or cache:
                     steps = []
                     model.sample(None, Condition(labels=torch.zeros(B, dtype=torch.long, device=device)), top_k=250,
@@ -106,7 +122,7 @@ def bench_raster(args, device) -> list:
                 else:
                     steps = [uncached_step(model, B, p, device) for p in prefixes]
                     timed, total = sum(steps), fit_steps(prefixes, steps, full)
-            row = dict(config=args.config.name, device=str(device), dtype="bf16" if args.bf16 else "fp32", batch=B,
+            row = dict(config=args.config.name, device=str(device), dtype=precision, batch=B,
                        cache=cache, timed_seconds=timed, seconds=total, extrapolated=n < full,
                        seconds_per_token=total / full, tokens_per_s=B * full / total, peak_mem_mb=peak_mem_mb(device))
             rows.append(row)
@@ -119,15 +135,31 @@ def bench_raster(args, device) -> list:
 
 def main(argv=None):
     ap = ArgumentParser(description=__doc__)
-    ap.add_argument("--config", required=True, type=Path, help="generator config (configs/ar/*.yaml)")
+    ap.add_argument("--config", required=True, type=Path, help="generator config (configs/ar/*.yaml, "
+                    "configs/argus/gpt_*.yaml) or a trained generator folder")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--batch", default="1", help="comma-separated batch sizes")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per row")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    ap.add_argument("--precision", default="fp32",
+                    help=f"comma-separated: {', '.join(PRECISIONS)} (int8: CPU; bf16: autocast)")
+    ap.add_argument("--bf16", action="store_true", help="the same as --precision bf16")
+    ap.add_argument("--cache", default="on,off", help="comma-separated: on (KV cache), off (whole prefix each "
+                    "scale), static (KV cache in buffers allocated once)")
+    ap.add_argument("--no-roofline", dest="roofline", action="store_false",
+                    help="skip the FLOP count and the matmul micro-benchmark")
     ap.add_argument("--tokens", type=int, default=0, help="Argus-3D: time only the first N steps and extrapolate")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
+    args.batch = [int(b) for b in args.batch.split(",")]
+    args.precision = ["bf16"] if args.bf16 else [p.strip() for p in args.precision.split(",")]
+    args.cache = [c.strip() for c in args.cache.split(",")]
+    for p in args.precision:
+        check_precision(p, args.device)
+    if not set(args.cache) <= {"on", "off", "static"}:
+        raise ValueError(f"--cache {','.join(args.cache)}: use on, off and static")
+    if "static" in args.cache and "on" not in args.cache:
+        args.cache.insert(0, "on")               # static rows are compared with it
     if args.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is visible")
     device = torch.device(args.device)
@@ -136,47 +168,127 @@ def main(argv=None):
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1) + "\n")
         return 0
-    cfg = load_config(ARRunConfig, args.config)      # its train: section, if any, is not used
-    torch.manual_seed(0)
-    model = NextScaleAR(cfg).to(device).eval()
+    if args.config.is_dir():
+        base = load_ar(args.config, device).eval()
+        cfg = base.cfg
+    else:
+        cfg = load_config(ARRunConfig, args.config)      # its train: section, if any, is not used
+        torch.manual_seed(0)
+        base = NextScaleAR(cfg).to(device).eval()
     quant = TriplaneQuantizer(cfg.vocab_size, cfg.c_vae, cfg.patch_nums, official_quirks=False).to(device).eval()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-    rows = []
-    print(f"{args.config.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-          f"{cfg.seq_len} tokens, {len(cfg.patch_nums)} scales, device {device}, "
-          f"{'bf16' if args.bf16 else 'fp32'}, {torch.get_num_threads()} CPU threads")
-    print(f"{'batch':>5} {'cache':>5} {'seconds':>9} {'tokens/s':>9} {'peak MB':>9}  per scale (ms)")
-    for B in (int(b) for b in args.batch.split(",")):
-        cond, uncond = conditions(cfg, B, device)
-        for cache in (True, False):
-            times = []
-            for r in range(args.warmup + args.repeats):
-                per_scale = []
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats(device)
-                t0 = time.perf_counter()
-                with autocast:
-                    model.sample(quant, cond, uncond, batch=B, guidance=4.0, top_k=10, top_p=0.5, seed=r,
-                                 use_cache=cache, scale_seconds=per_scale)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                if r >= args.warmup:
-                    times.append((time.perf_counter() - t0, per_scale))
-            seconds = sum(t for t, _ in times) / len(times)
-            scales = [sum(t[1][i] for t in times) / len(times) for i in range(len(cfg.patch_nums))]
-            row = dict(config=args.config.name, device=str(device), dtype="bf16" if args.bf16 else "fp32",
-                       batch=B, cache=cache, seconds=seconds, tokens_per_s=B * cfg.seq_len / seconds,
-                       peak_mem_mb=peak_mem_mb(device), scale_ms=[1000 * s for s in scales])
-            rows.append(row)
-            print(f"{B:>5} {str(cache):>5} {seconds:>9.3f} {row['tokens_per_s']:>9.1f} {row['peak_mem_mb']:>9.0f}  "
-                  + " ".join(f"{ms:.0f}" for ms in row["scale_ms"]))
-        with_c, without = rows[-2]["seconds"], rows[-1]["seconds"]
-        print(f"      batch {B}: the cache is {without / with_c:.2f}x faster")
+    print(f"{args.config.name}: {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters, "
+          f"{cfg.seq_len} tokens, {len(cfg.patch_nums)} scales, device {device} ({device_name(device)}), "
+          f"{torch.get_num_threads()} CPU threads")
+    rows, tokens = [], {}
+    for precision in args.precision:
+        model = set_precision(copy.deepcopy(base), precision, device) if precision != "fp32" else base
+        print(f"\n{precision}\n{'batch':>5} {'cache':>7} {'seconds':>9} {'objects/s':>9} {'tokens/s':>9} "
+              f"{'peak MB':>8}  per scale (ms)")
+        for B in args.batch:
+            cond, uncond = conditions(cfg, B, device)
+            kw = dict(batch=B, guidance=4.0, top_k=10, top_p=0.5)
+            for cache in args.cache:
+                times = []
+                for r in range(args.warmup + args.repeats):
+                    per_scale = []
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats(device)
+                    t0 = time.perf_counter()
+                    with autocast(precision, device):
+                        idx = model.sample(quant, cond, uncond, seed=r, use_cache=cache != "off",
+                                           static_cache=cache == "static", scale_seconds=per_scale, **kw)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    tokens[(precision, B, cache, r)] = torch.cat([i.flatten() for i in idx]).cpu()
+                    if r >= args.warmup:
+                        times.append((time.perf_counter() - t0, per_scale))
+                seconds = sum(t for t, _ in times) / len(times)
+                scales = [sum(t[1][i] for t in times) / len(times) for i in range(len(cfg.patch_nums))]
+                row = dict(config=args.config.name, device=str(device), cpu=device_name(device), precision=precision,
+                           dtype=precision, batch=B, cache=cache, seconds=seconds, objects_per_s=B / seconds,
+                           tokens_per_s=B * cfg.seq_len / seconds, peak_mem_mb=peak_mem_mb(device),
+                           scale_ms=[1000 * s for s in scales])
+                row.update(agreement(tokens, row, args))
+                rows.append(row)
+                print(f"{B:>5} {cache:>7} {seconds:>9.3f} {row['objects_per_s']:>9.3f} {row['tokens_per_s']:>9.1f} "
+                      f"{row['peak_mem_mb']:>8.0f}  " + " ".join(f"{ms:.0f}" for ms in row["scale_ms"])
+                      + "".join(f"  {k}: {v:.1%}" for k, v in row.items() if k.startswith("same_tokens")))
+            if args.roofline:
+                rows[-len(args.cache)].update(roofline(model, quant, cond, uncond, kw, precision, device,
+                                                       rows[-len(args.cache)]))
+    summary(rows, args)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     return 0
 
+
+def agreement(tokens: dict, row: dict, args) -> dict:
+    """Share of this row's tokens equal to the reference run's with the same seeds: fp32 with the
+    same cache (other precisions), the dynamic cache (static)."""
+    out = {}
+    p, B, cache = row["precision"], row["batch"], row["cache"]
+    seeds = range(args.warmup + args.repeats)
+    refs = [("same_tokens_as_fp32", ("fp32", B, cache))] if p != "fp32" else []
+    if cache == "static":
+        refs.append(("same_tokens_as_dynamic", (p, B, "on")))
+    for name, ref in refs:
+        if all(ref + (r,) in tokens for r in seeds):
+            same = sum(int((tokens[(p, B, cache, r)] == tokens[ref + (r,)]).sum()) for r in seeds)
+            out[name] = same / sum(tokens[ref + (r,)].numel() for r in seeds)
+    return out
+
+
+def roofline(model, quant, cond, uncond, kw, precision, device, row) -> dict:
+    """One more cached run inside OpMeter: FLOPs per object and the rates against the machine's
+    own rate on the same matmuls."""
+    meter = OpMeter(device)
+    with meter, autocast(precision, device):
+        model.sample(quant, cond, uncond, seed=0, **kw)
+    B = kw["batch"]
+    linear, attention = meter.flops["linear"], meter.flops["attention"]
+    limit = meter.matmul_limit()
+    achieved = linear / meter.seconds["linear"]
+    return dict(gflop_linear_per_object=linear / B / 1e9, gflop_attention_per_object=attention / B / 1e9,
+                sampler_gflops=(linear + attention) / row["seconds"] / 1e9, linear_gflops=achieved / 1e9,
+                attention_gflops=attention / max(meter.seconds["attention"], 1e-12) / 1e9,
+                matmul_limit_gflops=limit / 1e9, linear_share_of_limit=achieved / limit if limit else 0.0,
+                linear_share_of_time=meter.seconds["linear"] / row["seconds"])
+
+
+def summary(rows: list, args) -> None:
+    """The roofline table, and each precision's and the cache's speed-ups."""
+    roof = [r for r in rows if "matmul_limit_gflops" in r]
+    if roof:
+        print(f"\nroofline (one more cached run per batch and precision, its matmuls and attention timed):\n"
+              f"{'precision':>9} {'batch':>5} {'GFLOP/obj':>10} {'attn GFLOP':>10} {'sampler':>8} {'linear':>8} "
+              f"{'limit':>8} {'of limit':>8} {'attention':>9}  (GFLOP/s)")
+        for r in roof:
+            print(f"{r['precision']:>9} {r['batch']:>5} {r['gflop_linear_per_object']:>10.2f} "
+                  f"{r['gflop_attention_per_object']:>10.2f} {r['sampler_gflops']:>8.1f} {r['linear_gflops']:>8.1f} "
+                  f"{r['matmul_limit_gflops']:>8.1f} {r['linear_share_of_limit']:>8.0%} {r['attention_gflops']:>9.1f}")
+    by = {(r["precision"], r["batch"], r["cache"]): r["seconds"] for r in rows}
+    B0 = args.batch[0]
+    for (p, B, cache), s in by.items():
+        if cache != "on":
+            continue
+        said = [f"{by[(p, B, c)] / s:.2f}x the speed of cache {c}" for c in ("off", "static") if (p, B, c) in by]
+        if p != "fp32" and ("fp32", B, "on") in by:
+            said.append(f"{by[('fp32', B, 'on')] / s:.2f}x the speed of fp32")
+        if B != B0 and (p, B0, "on") in by:
+            said.append(f"{by[(p, B0, 'on')] / s * B / B0:.2f}x the objects per second of batch {B0}")
+        if said:
+            print(f"{p}, batch {B}, cache on: " + "; ".join(said))
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        return next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "CPU"
 
 if __name__ == "__main__":
     run(main)

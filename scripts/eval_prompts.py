@@ -40,6 +40,7 @@ from datasets.shapes import FAMILIES  # noqa: E402
 from evaluation.shape_check import (NUM_POINTS, classify_colour, classify_family, condition_view,  # noqa: E402
                                     contact_sheet, held_out_objects, held_out_prompts, templates)
 from models.layout import sequence_to_planes  # noqa: E402
+from models.precision import PRECISIONS  # noqa: E402
 from pipelines.sar3d import DEMO_DIR, Decoder3D, SamplingConfig, SAR3DPipeline, load_tokenizer  # noqa: E402
 from renderers.mesh_render import sample_surface  # noqa: E402
 from utils.cli import ArgumentParser, run  # noqa: E402
@@ -65,6 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--top-p", type=float, default=SamplingConfig.top_p)
     ap.add_argument("--mesh-resolution", type=int, default=64)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", default="fp32", choices=PRECISIONS, help="the generator's (int8: the CPU path)")
     ap.add_argument("--out-dir", type=Path, default=Path("outputs/eval_prompts"))
     args = ap.parse_args(argv)
     if args.num < 1:
@@ -83,13 +85,13 @@ def main(argv=None) -> int:
                  for caption, family, colour, d in held_out_objects(args.data_dir, args.holdout)]
     elif args.images:
         dec = SAR3DPipeline.from_pretrained(None, "image", vqvae=args.vqvae, ar=args.ar, encoder=args.image_encoder,
-                                            device=args.device)
+                                            device=args.device, precision=args.precision)
         cases = [(caption, family, colour, lambda i=i, d=d: dec.triplanes(dec.sample_tokens(
                   condition_view(d), 1, args.sample_seed + i, sampling)))
                  for i, (caption, family, colour, d) in enumerate(held_out_objects(args.data_dir, args.holdout))]
     else:
         dec = SAR3DPipeline.from_pretrained(None, "text", vqvae=args.vqvae, ar=args.ar, encoder=args.text_encoder,
-                                            device=args.device)
+                                            device=args.device, precision=args.precision)
         cases = [(prompt, family, colour, lambda i=i, p=prompt: dec.triplanes(dec.sample_tokens(
                   p, 1, args.sample_seed + i, sampling)))
                  for i, (prompt, family, colour) in enumerate(held_out_prompts(args.num, args.seed, args.data_dir))]

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from models.ar import ARConfig, Condition, NextScaleAR, convert_official, load_ar, sample_top_k_top_p
+from models.ar_blocks import KVCache
 from models.quantizer import TriplaneQuantizer
 from tests.official import fill, key_table, needs_official, reference, rel_err
 from utils.checkpoint import CheckpointError, ConversionError, save_model
@@ -145,8 +146,38 @@ def test_cached_sampling_equals_uncached(kind):
     kw = dict(batch=2, guidance=2.0, top_k=20, top_p=0.9, seed=7)
     a = model.sample(q, cond, u, use_cache=True, **kw)
     b = model.sample(q, cond, u, use_cache=False, **kw)
+    c = model.sample(q, cond, u, use_cache=True, static_cache=True, **kw)
     assert [t.shape for t in a] == [(6, 1), (6, 4), (6, 16)]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_static_cache_fills_its_buffers_and_refuses_overflow():
+    cache = KVCache(capacity=5)
+    k = torch.randn(1, 2, 3, 4)
+    a, _ = cache.update(0, k, k)
+    b, _ = cache.update(0, 2 * k[:, :, :2], k[:, :, :2])
+    assert cache.k[0].shape == (1, 2, 5, 4) and torch.equal(b, torch.cat((k, 2 * k[:, :, :2]), 2))
+    with pytest.raises(ValueError, match="capacity 5"):
+        cache.update(0, k, k)
+
+
+def test_int8_sampling_quantizes_every_linear_and_keeps_most_tokens():
+    from models.precision import linear, set_precision
+    model, q = tiny("text", width=64, num_heads=4), quantizer()
+    x, bias = torch.randn(3, 64), torch.randn(192)
+    assert torch.equal(linear(model.blocks[0].attn.mat_qkv, x, bias),
+                       torch.nn.functional.linear(x, model.blocks[0].attn.mat_qkv.weight, bias))
+    kw = dict(guidance=2.0, top_k=1, seed=3)               # greedy: the draws follow the logits alone
+    ref = model.sample(q, condition(4), uncond(), **kw)
+    with pytest.raises(ValueError, match="CPU path"):
+        set_precision(model, "int8", "cuda")
+    fast = set_precision(model, "int8", "cpu")
+    assert not any(type(m) is torch.nn.Linear for m in fast.modules())
+    out = fast.sample(q, condition(4), uncond(), **kw)
+    assert [t.shape for t in out] == [t.shape for t in ref]
+    agree = torch.cat([(a == b).flatten() for a, b in zip(out, ref)]).float().mean()
+    assert agree > 0.5, agree
 
 
 def test_same_seed_same_object_and_eval_mode_always():
@@ -297,14 +328,41 @@ def test_convert_script_reads_the_official_file_layout_without_running_its_objec
     assert not marker.exists()
 
 
-def test_bench_ar_writes_one_row_per_batch_and_cache(tmp_path, capsys):
+def test_bench_ar_writes_one_row_per_batch_precision_and_cache(tmp_path, capsys):
     import json
     from pathlib import Path
     from scripts.bench_ar import main as bench
     config = Path(__file__).resolve().parents[1] / "configs/ar/tiny_text.yaml"
-    assert bench(["--config", str(config), "--batch", "1,2", "--warmup", "0", "--json", str(tmp_path / "b.json")]) == 0
+    assert bench(["--config", str(config), "--batch", "1,2", "--warmup", "0", "--precision", "fp32,int8",
+                  "--cache", "on,static", "--json", str(tmp_path / "b.json")]) == 0
     rows = json.loads((tmp_path / "b.json").read_text())
-    assert [(r["batch"], r["cache"]) for r in rows] == [(1, True), (1, False), (2, True), (2, False)]
-    assert all(r["seconds"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 and len(r["scale_ms"]) == 6
+    assert [(r["precision"], r["batch"], r["cache"]) for r in rows] == [
+        (p, b, c) for p in ("fp32", "int8") for b in (1, 2) for c in ("on", "static")]
+    assert all(r["seconds"] > 0 and r["objects_per_s"] > 0 and r["peak_mem_mb"] > 0 and len(r["scale_ms"]) == 6
                for r in rows)
-    assert "the cache is" in capsys.readouterr().out
+    assert all(r["same_tokens_as_dynamic"] == 1.0 for r in rows if r["cache"] == "static")
+    assert all(0 <= r["same_tokens_as_fp32"] <= 1 for r in rows if r["precision"] == "int8")
+    roof = [r for r in rows if "matmul_limit_gflops" in r]
+    assert [(r["precision"], r["batch"]) for r in roof] == [("fp32", 1), ("fp32", 2), ("int8", 1), ("int8", 2)]
+    assert len({round(r["gflop_linear_per_object"], 9) for r in roof}) == 1       # the same work at each precision
+    assert all(r["linear_gflops"] > 0 and r["matmul_limit_gflops"] > 0 for r in roof)
+    assert "x the speed of fp32" in capsys.readouterr().out
+
+
+def test_op_meter_counts_what_torch_flop_counter_counts():
+    """Linear FLOPs against torch's own FlopCounterMode; attention against 4·B·H·L·T·c."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from utils.roofline import OpMeter
+    model, q = tiny("text"), quantizer()
+    kw = dict(guidance=2.0, top_k=5, seed=1)
+    with FlopCounterMode(display=False) as ref:
+        model.sample(q, condition(), uncond(), **kw)
+    with OpMeter() as meter:
+        model.sample(q, condition(), uncond(), **kw)
+    counts = {str(op): n for op, n in ref.get_flop_counts()["Global"].items()}
+    assert meter.flops["linear"] == counts["aten.addmm"] + counts.get("aten.mm", 0) > 0      # not the quantizer's conv
+    x, k = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 9, 8)
+    with OpMeter() as meter:
+        torch.nn.functional.scaled_dot_product_attention(x, k, k)
+    assert meter.flops["attention"] == 4 * 2 * 4 * 5 * 9 * 8 and meter.seconds["attention"] > 0
+    assert meter.matmul_limit() == 0.0

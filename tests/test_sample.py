@@ -205,6 +205,34 @@ def test_pipeline_from_python_equals_sample_py(models, tmp_path):
     np.testing.assert_array_equal(a.faces, b.faces)
 
 
+def test_batched_prompts_draw_what_one_by_one_draws_greedily(models, tmp_path):
+    """Several prompts in one batch: greedy draws (top-k 1) do not depend on the random stream,
+    so each object's tokens equal those of its prompt sampled alone; sample.py --batch-size
+    groups the prompts and names the folders as one by one; int8 samples too."""
+    from pipelines import SAR3DPipeline
+    from pipelines.sar3d import SamplingConfig
+    from sample import plan_batches
+    prompts = ["a red torus", "a blue box", "a green cone"]
+    greedy = SamplingConfig(top_k=1)
+    pipe = SAR3DPipeline.from_pretrained(vqvae=models / "vqvae", ar=models / "ar", condition="text", device="cpu")
+    alone = [o.tokens for p in prompts for o in pipe(p, 2, sampling=greedy, mesh=False, frames=0)]
+    batch = pipe(prompts, 2, sampling=greedy, mesh=False, frames=0)
+    assert len(batch) == 6 and all(np.array_equal(a, b.tokens) for a, b in zip(alone, batch))
+    with pytest.raises(ValueError, match="between 1 and 64 objects in one batch"):
+        pipe(prompts, 22)
+    fast = SAR3DPipeline.from_pretrained(vqvae=models / "vqvae", ar=models / "ar", condition="text", device="cpu",
+                                         precision="int8")
+    assert fast("a red torus", 2, mesh=False, frames=0)[1].tokens.shape == alone[0].shape
+    assert plan_batches(3, None, 8, "sar3d") == (1, 8) and plan_batches(1, None, 16, "argus") == (16, 1)
+    assert plan_batches(3, 2, 5, "sar3d") == (2, 2) and plan_batches(3, 4, None, "sar3d") == (4, 1)
+    (tmp_path / "p.json").write_text(json.dumps(prompts))
+    assert run_sample(models, tmp_path / "cli", "--prompts", str(tmp_path / "p.json"), "--batch-size", "2",
+                      "--no-video", "--top-k", "1") == 0
+    for k, p in enumerate(prompts):
+        np.testing.assert_array_equal(np.load(tmp_path / "cli" / f"{p.replace(' ', '_')}_0" / "tokens.npy"),
+                                      alone[2 * k])
+
+
 def test_a_generator_of_another_vqvae_is_refused_in_one_line(models, tmp_path):
     from models.layout import tokenizer_signature
     from models.vqvae import load_vqvae

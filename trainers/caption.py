@@ -6,7 +6,8 @@ and is checked against the config and against the dataset's tokenizer.json.
 
 The recipe (spec §6): stage 1 trains the projector and the point-token rows, the LLM frozen
 (lr 2e-3); stage 2 trains everything (lr 2e-5), starting from stage 1's weights
-(train.init_from). AdamW without weight decay, 3% warm-up. The official schedule is a cosine;
+(train.init_from). AdamW without weight decay, 3% warm-up. `train.id_noise` replaces a fraction of
+each training object's ids by random ones (a regulariser for small datasets; 0 in the recipe). The official schedule is a cosine;
 the shared loop's (trainers/schedule.py) decays linearly, to final_lr. Every `eval_every` steps:
 the held-out loss and, for the first `eval_captions` held-out objects, greedy captions scored
 against theirs (BLEU-4, ROUGE-L, CIDEr-D; shape family and colour for procedural captions), in
@@ -33,6 +34,7 @@ from models.layout import check_pair, seq_len, tokenizer_signature
 from models.vqvae import load_vqvae
 from trainers.cli import model_config
 from trainers.loop import LoopConfig, Trainer, due
+from trainers.sampler import seeded_generator
 from utils.checkpoint import CheckpointError, load_model, save_model
 
 log = logging.getLogger("trainers")
@@ -54,12 +56,24 @@ class TrainConfig(LoopConfig):
     eval_captions: int = 8           # held-out objects captioned at each evaluation (0: none)
     init_from: str = ""              # a captioner checkpoint (stage 1's) whose weights start this run
     checkpointing: bool = False      # recompute each LLM block in the backward pass
+    id_noise: float = 0.0            # fraction of each training object's ids replaced by random ones
 
 
 @dataclass
 class CaptionRunConfig(CaptionerConfig):
     kind: Literal["caption"] = "caption"
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def noisy_ids(ids: torch.Tensor, pos: torch.Tensor, fraction: float, vocab_size: int, seed: int, step: int):
+    """`ids` (B, L) with about `fraction` of each row replaced by random ids, drawn from
+    (seed, step, sample position) alone: a resumed run, or N processes, draw the same."""
+    out = ids.clone()
+    for row, p in enumerate(pos.tolist()):
+        g = seeded_generator(seed, step, p)
+        hit = torch.rand(ids.shape[1], generator=g) < fraction
+        out[row, hit] = torch.randint(vocab_size, (int(hit.sum()),), generator=g).to(ids.dtype)
+    return out
 
 
 def collate(samples: list) -> dict:
@@ -144,8 +158,11 @@ class CaptionTrainer(Trainer):
         self.peak_lrs = [lr]
 
     def train_step(self, mb: dict, step: int, scale: float) -> dict:
+        ids = mb["ids"]
+        if self.t.id_noise:
+            ids = noisy_ids(ids, mb["pos"], self.t.id_noise, self.cfg.vocab_size, self.t.seed, step)
         with self.autocast():
-            loss = self.forward(mb["ids"].to(self.device), mb["captions"])
+            loss = self.forward(ids.to(self.device), mb["captions"])
         (loss * scale).backward()
         return {"loss": loss.item()}
 
