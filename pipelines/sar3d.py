@@ -120,32 +120,34 @@ class Object3D:
         return folder
 
 
-def load_image(path, max_side: int = MAX_SIDE) -> torch.Tensor:
+def load_image(path, max_side: int = MAX_SIDE, name: str | None = None) -> torch.Tensor:
     """An RGB(A) file -> (3, S, S) in [0, 1]: transparency composited on white, then padded to a
     square on white (the official test-time preprocessing). Images over `max_side` pixels on a
-    side are refused from their header, before anything is decoded."""
+    side are refused from their header, before anything is decoded. Errors name the file as
+    `name` (default: "--image PATH")."""
+    name = name or f"--image {path}"
     try:
         with warnings.catch_warnings():     # PIL warns about large images: refused below instead
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(path)
     except Image.DecompressionBombError:
-        raise ValueError(f"--image {path}: over {Image.MAX_IMAGE_PIXELS // 500_000} Mpixel, too large to decode; "
+        raise ValueError(f"{name}: over {Image.MAX_IMAGE_PIXELS // 500_000} Mpixel, too large to decode; "
                          f"downscale it to at most {max_side} pixels a side") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
-        raise ValueError(f"--image {path}: not a readable image file") from None
+        raise ValueError(f"{name}: not a readable image file") from None
     with im:
         w, h = im.size
         if max(w, h) > max_side:
-            raise ValueError(f"--image {path}: {w}x{h} pixels is too large (at most {max_side} pixels a side); "
+            raise ValueError(f"{name}: {w}x{h} pixels is too large (at most {max_side} pixels a side); "
                              "downscale it")
         try:
             im.load()
             x = pil_to_tensor(im)
         except (OSError, ValueError, SyntaxError, EOFError):
-            raise ValueError(f"--image {path}: not a readable image file") from None
+            raise ValueError(f"{name}: not a readable image file") from None
     _, h, w = x.shape
     if min(h, w) < 8:
-        raise ValueError(f"--image {path}: {w}x{h} pixels is too small (at least 8x8)")
+        raise ValueError(f"{name}: {w}x{h} pixels is too small (at least 8x8)")
     side = max(h, w)
     top, left = (side - h) // 2, (side - w) // 2
     return torch.nn.functional.pad(x, (left, side - w - left, top, side - h - top), value=1.0)

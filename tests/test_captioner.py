@@ -19,6 +19,7 @@ from evaluation.captions import bleu4, caption_scores, cider_d, lcs_length, roug
 from models.captioner import VICUNA_SYSTEM, Captioner, CaptionerConfig, load_captioner
 from models.layout import tokenizer_signature
 from models.vqvae import TriplaneVQVAE, VQVAEConfig
+from pipelines.caption import CaptionPipeline, object_tokens
 from trainers.caption import CaptionRunConfig, CaptionTrainer
 from trainers.loop import fit
 from utils.checkpoint import save_model
@@ -282,10 +283,11 @@ def test_caption_py_captions_objects_tokens_and_meshes(setup, stage1_run, tmp_pa
     again = capsys.readouterr().out.strip().splitlines()
     assert [line.split(": ")[0] for line in again] == [str(folder / "a.obj"), str(folder / "b.ply")]
     assert again[0].split(": ", 1)[1] == lines[3].split(": ", 1)[1]
+    pipe = CaptionPipeline.from_pretrained(stage1_run, vqvae)          # the web demo's way: the same caption
+    assert pipe.caption_mesh(folder / "a.obj") == again[0].split(": ", 1)[1]
     # Views are encoded as scripts/precompute.py encodes them.
     vq = load_vqvae(vqvae)
-    encoded = caption.object_tokens(views / "box" / "0000", vq, tokenizer_signature(vq.quantizer)["fingerprint"],
-                                    (63, 255))
+    encoded = object_tokens(views / "box" / "0000", vq, tokenizer_signature(vq.quantizer)["fingerprint"], (63, 255))
     precompute(views, vqvae, batch_size=1)
     assert torch.equal(encoded, torch.from_numpy(np.load(views / "box" / "0000" / TOKEN_FILES["gt_BL"])))
 
@@ -342,3 +344,16 @@ def test_caption_py_failures_are_one_line(setup, stage1_run, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     err = _one_line_error(["--ckpt", str(stage1_run), "--vqvae", str(vqvae), "--mesh", str(tmp_path / "empty")], capsys)
     assert "no mesh files" in err and "empty" in err
+
+
+def test_id_noise_is_a_function_of_seed_step_and_position():
+    """train.id_noise: about the asked share of ids replaced, the same draw for the same (seed,
+    step, sample position) whatever the batch it sits in (resume, several processes)."""
+    from trainers.caption import noisy_ids
+    ids = torch.arange(2000).reshape(4, 500) % 100
+    a = noisy_ids(ids, torch.tensor([0, 1, 2, 3]), 0.2, 100, seed=0, step=5)
+    changed = (a != ids).float().mean()
+    assert 0.1 < changed < 0.25 and a.max() < 100                   # a random id may equal the old one
+    assert torch.equal(noisy_ids(ids[2:], torch.tensor([2, 3]), 0.2, 100, 0, 5), a[2:])
+    assert not torch.equal(noisy_ids(ids, torch.tensor([0, 1, 2, 3]), 0.2, 100, 0, 6), a)
+    assert torch.equal(noisy_ids(ids, torch.tensor([0, 1, 2, 3]), 0.0, 100, 0, 5), ids)
