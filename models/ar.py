@@ -83,12 +83,23 @@ class Condition(NamedTuple):
 
 
 def sample_top_k_top_p(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       generator: torch.Generator | None = None, exact: bool = True) -> torch.Tensor:
     """One token per row from softmax(logits / temperature) restricted to the top_k largest
     logits (0: all) and to the smallest set holding top_p of the mass (0: all), as the official
-    helper. Returns idx_Bl (B, l)."""
+    helper (its random draws: one multinomial over the whole vocabulary per row). exact=False
+    (with top_k): the same distribution computed on the top_k candidates alone, without sorting
+    the vocabulary (other draws; ties at the k-th logit keep k tokens). Returns idx_Bl (B, l)."""
     B, l, V = logits_BlV.shape
     logits = logits_BlV.float() / max(temperature, 1e-6)
+    if not exact and 0 < top_k < V:
+        values, idx = logits.topk(top_k, dim=-1)              # descending
+        if top_p > 0:
+            rising = values.flip(-1)
+            remove = rising.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+            remove[..., -1] = False
+            values = values.masked_fill(remove.flip(-1), -torch.inf)
+        pick = torch.multinomial(values.softmax(dim=-1).view(-1, top_k), 1, generator=generator)
+        return idx.view(-1, top_k).gather(1, pick).view(B, l)
     if 0 < top_k < V:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, -torch.inf)
@@ -129,6 +140,7 @@ class NextScaleAR(nn.Module):
 
         self.build_index_buffers()
         self.init_weights()
+        self.exact_draws = True     # the official draw protocol; models.precision's int8 path turns it off
 
     def build_index_buffers(self, device=None):
         """The index buffers that follow from patch_nums (not saved): level and plane of every
@@ -309,7 +321,7 @@ class NextScaleAR(nn.Module):
             if guided:
                 t = guidance * si / max(S - 1, 1)
                 logits_BlV = (1 + t) * logits_BlV[:B] - t * logits_BlV[B:]
-            idx_Bl = sample_top_k_top_p(logits_BlV, top_k, top_p, temperature, generator)
+            idx_Bl = sample_top_k_top_p(logits_BlV, top_k, top_p, temperature, generator, self.exact_draws)
             idx_planes = sequence_to_planes(idx_Bl, (pn,))[0]
             idx_out.append(idx_planes)
             f_hat, nxt = quantizer.next_autoregressive_input(si, f_hat, quantizer.lookup(idx_planes))

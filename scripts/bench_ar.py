@@ -7,14 +7,17 @@ and against what the machine can do.
     python scripts/bench_ar.py --config configs/ar/paper_image.yaml --device cuda --batch 1,32 --precision bf16
     python scripts/bench_ar.py --config configs/argus/gpt_paper.yaml --batch 1,16 --tokens 16   # Argus-3D
 
---config is a generator config (random weights: speed does not depend on the values) or a trained
-generator folder (its weights: the token agreement of int8 with fp32 then means something).
-Conditions are random tensors of the encoder's shape (256 DINOv2 tokens, 77 CLIP tokens),
-guidance on (the batch is doubled) as in sampling, seeds 0, 1, ... for the warm-up and timed
+--config is a generator config (random weights: speed does not depend on the values; conditions
+are random tensors of the encoder's shape, 256 DINOv2 tokens or 77 CLIP tokens) or a trained
+generator folder (its weights, its VQVAE's quantizer and its encoder's embeddings of the prompts
+or images of test_files/: the token agreement of int8 with fp32 then means something). Guidance on (the batch is doubled) as in sampling, seeds 0, 1, ... for the warm-up and timed
 runs. One row per (precision, batch, cache): seconds per batch, objects and tokens per second,
 peak memory (CUDA: allocated by torch; CPU: the process's peak resident size so far), the time of
-each scale, and for int8/bf16 (and the static cache) the share of tokens equal to fp32's (the
-dynamic cache's) with the same seeds.
+each scale; for the static cache the share of tokens equal to the dynamic cache's with the same
+seeds (all, by construction), and for int8/bf16 beside fp32 one more run per batch with greedy
+draws (top-k 1, so that only the logits decide) and its share of tokens equal to fp32's: int8
+draws its top-k/top-p tokens by another protocol (models/precision.py), so its sampled tokens
+are compared through the shape check instead (eval_prompts.py --precision int8).
 
 The roofline table (one more cached run per precision and batch, inside utils.roofline.OpMeter):
 GFLOP per object of the linear layers and of attention; GFLOP/s of the whole sampler (all counted
@@ -37,14 +40,19 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
 from models.ar import ARConfig, Condition, NextScaleAR, load_ar  # noqa: E402
+from models.conditioners import load_conditioner  # noqa: E402
+from models.layout import check_pair, tokenizer_signature  # noqa: E402
 from models.precision import PRECISIONS, autocast, check_precision, set_precision  # noqa: E402
 from models.quantizer import TriplaneQuantizer  # noqa: E402
 from models.raster_ar import RasterAR  # noqa: E402
+from models.vqvae import load_vqvae  # noqa: E402
+from pipelines.sar3d import load_image  # noqa: E402
 from trainers.ar import ARRunConfig  # noqa: E402
 from trainers.raster_ar import RasterRunConfig  # noqa: E402
 from utils.cli import ArgumentParser, run  # noqa: E402
@@ -52,6 +60,19 @@ from utils.config import load_config, read_yaml  # noqa: E402
 from utils.roofline import OpMeter  # noqa: E402
 
 SEQ_LEN = {"image": 256, "text": 77}
+
+
+def trained_conditions(cfg: ARConfig, B: int, device) -> tuple:
+    """A trained generator's conditions: its encoder's embeddings of the prompts of
+    test_files/test_text.json (text) or the images of test_files/images (image), cycled to B."""
+    enc = load_conditioner(cfg.condition, cfg.encoder or None, device)
+    if cfg.condition == "text":
+        inputs = json.loads((ROOT / "test_files" / "test_text.json").read_text())["test_promts"]
+    else:
+        inputs = [load_image(p) for p in sorted((ROOT / "test_files" / "images").glob("*.png"))]
+    tokens, pooled = enc.encode([inputs[i % len(inputs)] for i in range(B)])
+    empty_tokens, empty_pooled = enc.empty()
+    return Condition(pooled=pooled, tokens=tokens), Condition(pooled=empty_pooled, tokens=empty_tokens)
 
 
 def peak_mem_mb(device: torch.device) -> float:
@@ -137,6 +158,8 @@ def main(argv=None):
     ap = ArgumentParser(description=__doc__)
     ap.add_argument("--config", required=True, type=Path, help="generator config (configs/ar/*.yaml, "
                     "configs/argus/gpt_*.yaml) or a trained generator folder")
+    ap.add_argument("--vqvae", type=Path, help="with a trained generator folder: its VQVAE, whose quantizer builds "
+                    "each scale's input (default: the vqvae folder beside it)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--batch", default="1", help="comma-separated batch sizes")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per row")
@@ -153,6 +176,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.batch = [int(b) for b in args.batch.split(",")]
     args.precision = ["bf16"] if args.bf16 else [p.strip() for p in args.precision.split(",")]
+    args.precision.sort(key=lambda p: p != "fp32")         # fp32 first: the others are compared with it
     args.cache = [c.strip() for c in args.cache.split(",")]
     for p in args.precision:
         check_precision(p, args.device)
@@ -171,11 +195,14 @@ def main(argv=None):
     if args.config.is_dir():
         base = load_ar(args.config, device).eval()
         cfg = base.cfg
+        vqvae = load_vqvae(args.vqvae or args.config.parent / "vqvae", device)
+        check_pair(tokenizer_signature(vqvae.quantizer), vars(cfg), f"--vqvae {args.vqvae}", f"--config {args.config}")
+        quant = vqvae.quantizer.eval()
     else:
         cfg = load_config(ARRunConfig, args.config)      # its train: section, if any, is not used
         torch.manual_seed(0)
         base = NextScaleAR(cfg).to(device).eval()
-    quant = TriplaneQuantizer(cfg.vocab_size, cfg.c_vae, cfg.patch_nums, official_quirks=False).to(device).eval()
+        quant = TriplaneQuantizer(cfg.vocab_size, cfg.c_vae, cfg.patch_nums, official_quirks=False).to(device).eval()
     print(f"{args.config.name}: {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters, "
           f"{cfg.seq_len} tokens, {len(cfg.patch_nums)} scales, device {device} ({device_name(device)}), "
           f"{torch.get_num_threads()} CPU threads")
@@ -185,7 +212,7 @@ def main(argv=None):
         print(f"\n{precision}\n{'batch':>5} {'cache':>7} {'seconds':>9} {'objects/s':>9} {'tokens/s':>9} "
               f"{'peak MB':>8}  per scale (ms)")
         for B in args.batch:
-            cond, uncond = conditions(cfg, B, device)
+            cond, uncond = (trained_conditions if args.config.is_dir() else conditions)(cfg, B, device)
             kw = dict(batch=B, guidance=4.0, top_k=10, top_p=0.5)
             for cache in args.cache:
                 times = []
@@ -214,6 +241,14 @@ def main(argv=None):
                 print(f"{B:>5} {cache:>7} {seconds:>9.3f} {row['objects_per_s']:>9.3f} {row['tokens_per_s']:>9.1f} "
                       f"{row['peak_mem_mb']:>8.0f}  " + " ".join(f"{ms:.0f}" for ms in row["scale_ms"])
                       + "".join(f"  {k}: {v:.1%}" for k, v in row.items() if k.startswith("same_tokens")))
+            if "fp32" in args.precision and len(args.precision) > 1:   # logit fidelity: greedy draws, seed 0
+                with autocast(precision, device):
+                    idx = model.sample(quant, cond, uncond, seed=0, **{**kw, "top_k": 1})
+                tokens[(precision, B, "greedy")] = torch.cat([i.flatten() for i in idx]).cpu()
+                if precision != "fp32":
+                    same = (tokens[(precision, B, "greedy")] == tokens[("fp32", B, "greedy")]).double().mean()
+                    rows[-len(args.cache)]["greedy_same_as_fp32"] = float(same)
+                    print(f"      greedy (top-k 1) tokens equal to fp32's: {float(same):.1%}")
             if args.roofline:
                 rows[-len(args.cache)].update(roofline(model, quant, cond, uncond, kw, precision, device,
                                                        rows[-len(args.cache)]))
@@ -224,19 +259,13 @@ def main(argv=None):
 
 
 def agreement(tokens: dict, row: dict, args) -> dict:
-    """Share of this row's tokens equal to the reference run's with the same seeds: fp32 with the
-    same cache (other precisions), the dynamic cache (static)."""
-    out = {}
+    """The static cache's share of tokens equal to the dynamic cache's, with the same seeds."""
     p, B, cache = row["precision"], row["batch"], row["cache"]
     seeds = range(args.warmup + args.repeats)
-    refs = [("same_tokens_as_fp32", ("fp32", B, cache))] if p != "fp32" else []
-    if cache == "static":
-        refs.append(("same_tokens_as_dynamic", (p, B, "on")))
-    for name, ref in refs:
-        if all(ref + (r,) in tokens for r in seeds):
-            same = sum(int((tokens[(p, B, cache, r)] == tokens[ref + (r,)]).sum()) for r in seeds)
-            out[name] = same / sum(tokens[ref + (r,)].numel() for r in seeds)
-    return out
+    if cache != "static" or not all((p, B, "on", r) in tokens for r in seeds):
+        return {}
+    same = sum(int((tokens[(p, B, cache, r)] == tokens[(p, B, "on", r)]).sum()) for r in seeds)
+    return {"same_tokens_as_dynamic": same / sum(tokens[(p, B, "on", r)].numel() for r in seeds)}
 
 
 def roofline(model, quant, cond, uncond, kw, precision, device, row) -> dict:

@@ -6,8 +6,9 @@
 
 Steps, each a child process with its own time limit, each recorded whether it passes or fails
 (the run goes on): the CUDA-marked tests (nvdiffrast against the PyTorch rasterizer among them);
-bench_ar on the SAR3D image and text and the Argus-3D paper configs (bf16, batch 1 and 16, with
-and without the cache; Argus-3D over its first 64 steps, extrapolated); sample.py image-to-mesh
+bench_ar on the SAR3D image and text and the Argus-3D paper configs (bf16; SAR3D at batch 1, 16
+and 32 with the KV cache, without it and with the static cache, and its roofline table; Argus-3D
+at batch 1 and 16 over its first 64 steps, extrapolated); sample.py image-to-mesh
 on the paper VQVAE and image generator with random weights (and a random DINOv2-large), timed per
 stage; training steps per second of the paper VQVAE and text generator. --cpu swaps the paper
 configs for the small ones and skips the CUDA tests. Writes OUT/gpu_check.json and OUT/table.md.
@@ -97,7 +98,7 @@ def main(argv=None):
             info[pkg] = "installed"
         except ImportError:
             info[pkg] = "absent"
-    bf16 = [] if cpu else ["--bf16"]
+    bf16 = ["--precision", "fp32"] if cpu else ["--precision", "bf16"]
     sar = ["demo_text.yaml"] if cpu else ["paper_image.yaml", "paper_text.yaml"]
     argus = "gpt_tiny.yaml" if cpu else "gpt_paper.yaml"
     data = work / "data"
@@ -106,7 +107,8 @@ def main(argv=None):
         steps.append(("cuda_tests", [PY, "-m", "pytest", "-q", "-m", "cuda", "tests"], 300))
     for cfg in sar:
         steps.append((f"bench_{cfg[:-5]}", [PY, "scripts/bench_ar.py", "--config", f"configs/ar/{cfg}", "--device",
-                                            device, "--batch", "1" if cpu else "1,16", *bf16,
+                                            device, "--batch", "1" if cpu else "1,16,32", *bf16,
+                                            "--cache", "on,off,static",
                                             "--json", str(out / "logs" / f"bench_{cfg[:-5]}.json")], 300))
     steps.append((f"bench_{argus[:-5]}", [PY, "scripts/bench_ar.py", "--config", f"configs/argus/{argus}",
                                           "--device", device, "--batch", "1,16", "--tokens", "16" if cpu else "64",

@@ -88,7 +88,7 @@ class OpMeter(TorchDispatchMode):
         return out
 
     @torch.no_grad()
-    def matmul_limit(self, repeats: int = 3) -> float:
+    def matmul_limit(self, repeats: int = 5) -> float:
         """FLOP/s of this meter's matmuls each run alone (best of `repeats`), weighted by calls."""
         flops = seconds = 0.0
         for key, calls in self.shapes.items():
