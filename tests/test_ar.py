@@ -391,3 +391,21 @@ def test_op_meter_counts_what_torch_flop_counter_counts():
         torch.nn.functional.scaled_dot_product_attention(x, k, k)
     assert meter.flops["attention"] == 4 * 2 * 4 * 5 * 9 * 8 and meter.seconds["attention"] > 0
     assert meter.matmul_limit() == 0.0
+
+@pytest.mark.slow
+def test_static_cache_draws_the_tokens_of_the_dynamic_one_on_the_paper_text_config():
+    """The preallocated cache (for CUDA graphs) at the official text generator's size, random
+    weights, guided top-k/top-p sampling as sample.py does it: every token the same."""
+    from pathlib import Path
+    from scripts.bench_ar import conditions
+    from trainers.ar import ARRunConfig
+    from utils.config import load_config
+    cfg = load_config(ARRunConfig, Path(__file__).resolve().parents[1] / "configs/ar/paper_text.yaml")
+    torch.manual_seed(0)
+    model = NextScaleAR(cfg).eval()
+    q = TriplaneQuantizer(cfg.vocab_size, cfg.c_vae, cfg.patch_nums, official_quirks=False).eval()
+    cond, u = conditions(cfg, 1, torch.device("cpu"))
+    kw = dict(batch=1, guidance=4.0, top_k=10, top_p=0.5, seed=0)
+    a = model.sample(q, cond, u, **kw)
+    b = model.sample(q, cond, u, static_cache=True, **kw)
+    assert sum(t.numel() for t in a) == 2040 and all(torch.equal(x, y) for x, y in zip(a, b))
