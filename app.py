@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -44,6 +43,7 @@ class Studio:
         self.counter = itertools.count()
         self.pipes, self.errors, self.folders = {}, {}, {}
         folder = OFFICIAL_DIR if args.official else None
+        self.default_folder = str(OFFICIAL_DIR if args.official else DEMO_DIR)     # the page's model folder box
         self._load("text", lambda: self.sar3d(folder, "text", args.vqvae, args.ar_text))
         self._load("image", lambda: self.sar3d(folder, "image", args.vqvae, args.ar_image))
         self._load("class", lambda: ArgusPipeline.from_pretrained(tokenizer=args.argus_tokenizer,
@@ -73,7 +73,7 @@ class Studio:
     def folder_pipe(self, tab: str, folder: str):
         """The tab's pipeline, or that of another pipeline folder typed into the page."""
         folder = (folder or "").strip()
-        if not folder or Path(folder).resolve() == DEMO_DIR.resolve() and not self.args.official:
+        if not folder or folder == self.default_folder:
             return self.pipe(tab)
         if not Path(folder).is_dir():
             raise ValueError(f"model folder {folder}: no such folder; give a folder holding vqvae/ and ar_{tab}/")
@@ -160,7 +160,7 @@ def build_ui(studio: Studio):
             guidance = gr.Slider(0, 10, defaults.guidance, step=0.5, label="guidance")
             top_k = gr.Slider(0, 100, defaults.top_k, step=1, label="top-k (0: all)")
             top_p = gr.Slider(0, 1, defaults.top_p, step=0.05, label="top-p (0: all)")
-            folder = gr.Textbox(str(OFFICIAL_DIR if studio.args.official else DEMO_DIR), label="model folder")
+            folder = gr.Textbox(studio.default_folder, label="model folder")
         return [seed, guidance, top_k, top_p, folder]
 
     def unavailable(tab: str) -> None:
