@@ -94,7 +94,7 @@ class Studio:
         prompt = check_prompt(prompt or "", "prompt")
         pipe = self.folder_pipe("text", folder)
         sampling = SamplingConfig(float(guidance), int(top_k), float(top_p))
-        obj = pipe(prompt, 1, int(seed), sampling, mesh_resolution=self.args.mesh_resolution,
+        obj = pipe(prompt, 1, int(seed or 0), sampling, mesh_resolution=self.args.mesh_resolution,
                    frames=self.args.frames, render_resolution=self.args.render_resolution)[0]
         return self._save("text", obj)
 
@@ -104,14 +104,14 @@ class Studio:
         image = load_image(Path(path), name=f"the upload {Path(path).name}")   # not an image: one clear line
         pipe = self.folder_pipe("image", folder)
         sampling = SamplingConfig(float(guidance), int(top_k), float(top_p))
-        obj = pipe(image, 1, int(seed), sampling, mesh_resolution=self.args.mesh_resolution,
+        obj = pipe(image, 1, int(seed or 0), sampling, mesh_resolution=self.args.mesh_resolution,
                    frames=self.args.frames, render_resolution=self.args.render_resolution)[0]
         return self._save("image", obj)
 
     def category(self, name, seed, top_k) -> tuple:
         pipe = self.pipe("class")
         pipe.generator.class_index(name or "")          # an unknown one: the list of valid ones
-        obj = pipe(name, 1, int(seed), ArgusSampling(top_k=int(top_k)), frames=self.args.frames,
+        obj = pipe(name, 1, int(seed or 0), ArgusSampling(top_k=int(top_k)), frames=self.args.frames,
                    render_resolution=self.args.render_resolution)[0]
         return self._save("class", obj)
 
