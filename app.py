@@ -90,23 +90,22 @@ class Studio:
         times = " · ".join(f"{k} {v:.2f} s" for k, v in obj.times.items())
         return str(glb), str(folder / "turntable.mp4"), files, f"**{folder.name}**: {times}"
 
-    def text(self, prompt, seed, guidance, top_k, top_p, folder) -> tuple:
-        prompt = check_prompt(prompt or "", "prompt")
-        pipe = self.folder_pipe("text", folder)
-        sampling = SamplingConfig(float(guidance), int(top_k), float(top_p))
-        obj = pipe(prompt, 1, int(seed or 0), sampling, mesh_resolution=self.args.mesh_resolution,
-                   frames=self.args.frames, render_resolution=self.args.render_resolution)[0]
-        return self._save("text", obj)
+    def text(self, prompt, *sampling) -> tuple:
+        return self.generate("text", check_prompt(prompt or "", "prompt"), *sampling)
 
-    def image(self, path, seed, guidance, top_k, top_p, folder) -> tuple:
+    def image(self, path, *sampling) -> tuple:
         if not path:
             raise ValueError("no image: drop an image (PNG, JPEG, ...) into the box first")
         image = load_image(Path(path), name=f"the upload {Path(path).name}")   # not an image: one clear line
-        pipe = self.folder_pipe("image", folder)
+        return self.generate("image", image, *sampling)
+
+    def generate(self, tab: str, x, seed, guidance, top_k, top_p, folder) -> tuple:
+        """One SAR3D object for a checked prompt or image, with the page's sampling controls."""
+        pipe = self.folder_pipe(tab, folder)
         sampling = SamplingConfig(float(guidance), int(top_k), float(top_p))
-        obj = pipe(image, 1, int(seed or 0), sampling, mesh_resolution=self.args.mesh_resolution,
+        obj = pipe(x, 1, int(seed or 0), sampling, mesh_resolution=self.args.mesh_resolution,
                    frames=self.args.frames, render_resolution=self.args.render_resolution)[0]
-        return self._save("image", obj)
+        return self._save(tab, obj)
 
     def category(self, name, seed, top_k) -> tuple:
         pipe = self.pipe("class")
@@ -154,12 +153,12 @@ def build_ui(studio: Studio):
             timing = gr.Markdown(elem_id=f"{tab}-times")
         return [viewer, video, files, timing]
 
-    def controls(tab: str, defaults: SamplingConfig):
+    def controls(tab: str):
         with gr.Accordion("sampling", open=False):
             seed = gr.Number(0, label="seed", precision=0, elem_id=f"{tab}-seed")
-            guidance = gr.Slider(0, 10, defaults.guidance, step=0.5, label="guidance")
-            top_k = gr.Slider(0, 100, defaults.top_k, step=1, label="top-k (0: all)")
-            top_p = gr.Slider(0, 1, defaults.top_p, step=0.05, label="top-p (0: all)")
+            guidance = gr.Slider(0, 10, d.guidance, step=0.5, label="guidance")
+            top_k = gr.Slider(0, 100, d.top_k, step=1, label="top-k (0: all)")
+            top_p = gr.Slider(0, 1, d.top_p, step=0.05, label="top-p (0: all)")
             folder = gr.Textbox(studio.default_folder, label="model folder")
         return [seed, guidance, top_k, top_p, folder]
 
@@ -171,25 +170,22 @@ def build_ui(studio: Studio):
         gr.Markdown("# 3D generation and understanding\nText, image or category in, a mesh out; a mesh in, "
                     "a caption out. The embedded demo models know eight primitive families in ten colours "
                     "(README).")
-        with gr.Tab("Text to 3D", elem_id="tab-text"):
-            unavailable("text")
-            with gr.Row():
-                with gr.Column():
-                    prompt = gr.Textbox(label="prompt", placeholder="a red torus", elem_id="prompt")
-                    inputs = [prompt, *controls("text", d)]
-                    go = gr.Button("Generate", variant="primary", elem_id="text-generate")
-                outputs = results("text")
-            go.click(friendly(studio.text), inputs, outputs)
-            prompt.submit(friendly(studio.text), inputs, outputs)
-        with gr.Tab("Image to 3D", elem_id="tab-image"):
-            unavailable("image")
-            with gr.Row():
-                with gr.Column():
-                    image = gr.File(label="image", file_count="single", elem_id="image-input")
-                    inputs = [image, *controls("image", d)]
-                    go = gr.Button("Generate", variant="primary", elem_id="image-generate")
-                outputs = results("image")
-            go.click(friendly(studio.image), inputs, outputs)
+        for tab, title in (("text", "Text to 3D"), ("image", "Image to 3D")):
+            with gr.Tab(title, elem_id=f"tab-{tab}"):
+                unavailable(tab)
+                with gr.Row():
+                    with gr.Column():
+                        if tab == "text":
+                            given = gr.Textbox(label="prompt", placeholder="a red torus", elem_id="prompt")
+                        else:
+                            given = gr.File(label="image", file_count="single", elem_id="image-input")
+                        inputs = [given, *controls(tab)]
+                        go = gr.Button("Generate", variant="primary", elem_id=f"{tab}-generate")
+                    outputs = results(tab)
+                handler = friendly(getattr(studio, tab))
+                go.click(handler, inputs, outputs)
+                if tab == "text":
+                    given.submit(handler, inputs, outputs)
         with gr.Tab("Class to 3D (Argus-3D)", elem_id="tab-class"):
             unavailable("class")
             with gr.Row():
@@ -214,7 +210,7 @@ def build_ui(studio: Studio):
     return demo.queue(default_concurrency_limit=1)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     ap = ArgumentParser(description=__doc__)
     ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
     ap.add_argument("--port", type=int, default=7860)
@@ -232,7 +228,11 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="fp32", choices=PRECISIONS, help="the SAR3D generators' (int8: CPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--output-dir", type=Path, default=Path("outputs/app"), help="each answer's files go here")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
         import gradio  # noqa: F401
     except ImportError:

@@ -119,7 +119,8 @@ def main(argv=None) -> int:
             print(f"{f:<12} {len(rs):>3} {accuracy(rs, 'family'):>10.2f} {accuracy(rs, 'colour'):>10.2f}")
     print(f"{'overall':<12} {len(results):>3} {overall['family']:>10.2f} {overall['colour']:>10.2f}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "results.json").write_text(json.dumps({"overall": overall, "per_object": results}, indent=1))
+    (args.out_dir / "results.json").write_text(json.dumps({"overall": overall, "precision": args.precision,
+                                                                "per_object": results}, indent=1))
     contact_sheet(args.out_dir / "contact_sheet.png", tiles)
     print(f"wrote {args.out_dir / 'results.json'} and {args.out_dir / 'contact_sheet.png'}")
     return 0

@@ -98,7 +98,7 @@ def main(argv=None):
             info[pkg] = "installed"
         except ImportError:
             info[pkg] = "absent"
-    bf16 = ["--precision", "fp32"] if cpu else ["--precision", "bf16"]
+    precision = ["--precision", "fp32" if cpu else "bf16"]
     sar = ["demo_text.yaml"] if cpu else ["paper_image.yaml", "paper_text.yaml"]
     argus = "gpt_tiny.yaml" if cpu else "gpt_paper.yaml"
     data = work / "data"
@@ -107,12 +107,12 @@ def main(argv=None):
         steps.append(("cuda_tests", [PY, "-m", "pytest", "-q", "-m", "cuda", "tests"], 300))
     for cfg in sar:
         steps.append((f"bench_{cfg[:-5]}", [PY, "scripts/bench_ar.py", "--config", f"configs/ar/{cfg}", "--device",
-                                            device, "--batch", "1" if cpu else "1,16,32", *bf16,
+                                            device, "--batch", "1" if cpu else "1,16,32", *precision,
                                             "--cache", "on,off,static",
                                             "--json", str(out / "logs" / f"bench_{cfg[:-5]}.json")], 300))
     steps.append((f"bench_{argus[:-5]}", [PY, "scripts/bench_ar.py", "--config", f"configs/argus/{argus}",
                                           "--device", device, "--batch", "1,16", "--tokens", "16" if cpu else "64",
-                                          *bf16, "--json", str(out / "logs" / f"bench_{argus[:-5]}.json")], 300))
+                                          *precision, "--json", str(out / "logs" / f"bench_{argus[:-5]}.json")], 300))
     steps.append(("sample_image", [PY, "sample.py", "--image", "test_files/images/a_yellow_cone.png", "--vqvae",
                                    str(models["vqvae"]), "--ar", str(models["ar_image"]), "--device", device,
                                    "--output-dir", str(out / "samples"), "--no-video"], 300))

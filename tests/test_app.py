@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -17,17 +16,11 @@ DEMO = ROOT / "checkpoints" / "demo"
 needs_demo = pytest.mark.skipif(not (DEMO / "ar_text" / "model.safetensors").is_file(), reason="no shipped demo")
 
 
-def options(**kw):
-    base = dict(device="cpu", output_dir=None, official=False, vqvae=None, ar_text=None, ar_image=None,
-                argus_tokenizer=None, argus_generator=None, captioner=None, caption_vqvae=None, mesh_resolution=48,
-                frames=4, render_resolution=32, precision="fp32")
-    return SimpleNamespace(**{**base, **kw})
-
-
 @needs_demo
 def test_handlers_answer_and_refuse_in_one_line(tmp_path):
-    from app import Studio
-    studio = Studio(options(output_dir=tmp_path, captioner=str(tmp_path / "nowhere")))
+    from app import Studio, parse_args
+    studio = Studio(parse_args(["--device", "cpu", "--output-dir", str(tmp_path), "--captioner", str(tmp_path / "nowhere"),
+                                "--mesh-resolution", "48", "--frames", "4", "--render-resolution", "32"]))
     assert set(studio.pipes) == {"text", "image", "class"} and "nowhere" in studio.errors["caption"]
     glb, mp4, files, times = studio.text("a red torus", 0, 4.0, 10, 0.5, "")
     assert Path(glb).stat().st_size > 0 and Path(mp4).is_file() and len(files) == 2 and "sample" in times

@@ -150,6 +150,11 @@ def test_eval_prompts_writes_accuracies_and_a_contact_sheet(models, tmp_path, ca
     assert [r["family"] for r in results["per_object"]] == ["sphere", "box"]
     assert Image.open(tmp_path / "contact_sheet.png").size[0] > 0
     assert "overall        2" in capsys.readouterr().out
+    assert main(["--num", "2", "--vqvae", str(models / "vqvae"), "--ar", str(models / "ar"), "--mesh-resolution", "12",
+                 "--out-dir", str(tmp_path / "int8"), "--precision", "int8"]) == 0       # the faster CPU path
+    int8 = json.loads((tmp_path / "int8" / "results.json").read_text())
+    assert [r["prompt"] for r in int8["per_object"]] == [r["prompt"] for r in results["per_object"]]
+    assert (results["precision"], int8["precision"]) == ("fp32", "int8")
 
 
 def test_eval_prompts_images_shows_the_image_generator_the_held_out_objects(models, shapes_root, tmp_path):
