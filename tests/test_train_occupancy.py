@@ -14,7 +14,8 @@ from utils.cli import run
 from tests.helpers import torchrun, train_log
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--config", str(ROOT / "configs/argus/tiny.yaml"), "--batch-size", "2", "--set", "train.save_every=1000"]
+FAST = ["--config", str(ROOT / "configs/argus/tiny.yaml"), "--batch-size", "2", "--set", "train.save_every=1000",
+        "--set", "train.code_restart=2"]
 
 
 def _train(data, out, steps, *extra) -> int:
@@ -51,6 +52,15 @@ def test_the_occupancy_loss_falls(shapes_root, tmp_path):
     assert _train(shapes_root, tmp_path / "run", 40, "--set", "train.lr=3e-3") == 0
     log = train_log(tmp_path / "run")
     assert sum(r["occ"] for r in log[-5:]) < 0.8 * sum(r["occ"] for r in log[:5])
+
+
+def test_code_restart_revives_unused_codes(shapes_root, tmp_path):
+    assert _train(shapes_root, tmp_path / "off", 6, "--set", "train.code_restart=0") == 0
+    assert _train(shapes_root, tmp_path / "on", 6) == 0
+    off, on = train_log(tmp_path / "off"), train_log(tmp_path / "on")
+    assert [r["step"] for r in on if "restarted" in r] == [2, 4, 6] and not any("restarted" in r for r in off)
+    assert on[1]["restarted"] > 0                                   # the small uniform init leaves most codes unused
+    assert sum(r["codes"] for r in on[2:]) > sum(r["codes"] for r in off[2:])
 
 
 def test_official_files_convert_strictly_and_never_run_their_payload(tmp_path, capsys):

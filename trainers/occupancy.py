@@ -7,7 +7,9 @@ scripts/render_meshes.py write it beside the G-buffer views): the "train" split 
 Gaussian noise `noise`) as the input and `num_points` query points of points.npz with their
 occupancy, all from (seed, step, sample), so that a resumed run continues exactly. Loss, as the
 official: binary cross-entropy of the occupancy logits summed over the query points and averaged
-over the objects, plus the VQ loss. Held-out metric: volumetric IoU of the decoded tokens at every
+over the objects, plus the VQ loss. Beyond the official recipe, `code_restart` re-seeds the codes
+that no object picked for that many steps with pre-quantisation codes of the current batch (the
+small 4-d codebook otherwise collapses onto a handful of codes). Held-out metric: volumetric IoU of the decoded tokens at every
 point of points.npz, occupied where the probability is at least `iou_threshold`.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from datasets.occupancy import OccupancyDataset, subsample
@@ -40,6 +43,7 @@ class TrainConfig(LoopConfig):
     pointcloud_n: int = 30000        # input surface points per object
     noise: float = 0.0005            # std of the Gaussian noise on the inputs (the official code's value)
     vq_weight: float = 1.0
+    code_restart: int = 0            # every N steps, re-seed the codes unused in those N steps (0: never, as the official)
     eval_objects: int = 16           # held-out objects scored at each evaluation (0: all of the split)
     iou_threshold: float = 0.2       # occupancy probability of "inside" (the official generation's)
 
@@ -98,6 +102,8 @@ class OccupancyTrainer(Trainer):
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=t.betas)
         self.peak_lrs = [t.lr]
         self.forward = self.wrap(self.model)
+        self.usage = torch.zeros(cfg.n_e, dtype=torch.long)     # picks of each code since the last restart
+        self.inputs = None                                       # this step's last input points (for a restart)
 
     def train_step(self, mb: dict, step: int, scale: float) -> dict:
         t, device = self.t, self.device
@@ -105,12 +111,42 @@ class OccupancyTrainer(Trainer):
                  for p, *obj in zip(mb["pos"], mb["points"], mb["occ"], mb["inputs"])]
         inputs, queries, labels = (torch.stack(x).to(device) for x in zip(*drawn))
         with self.autocast():
-            logits, vq_loss, _ = self.forward(inputs, queries)
+            logits, vq_loss, ids = self.forward(inputs, queries)
         occ = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none").sum(-1).mean()
         loss = occ + t.vq_weight * vq_loss.float()
         (loss * scale).backward()
         acc = ((logits >= 0) == (labels > 0.5)).float().mean()
-        return {"loss": loss.item(), "occ": occ.item(), "vq": vq_loss.item(), "acc": acc.item()}
+        counts = torch.bincount(ids.flatten().cpu(), minlength=self.cfg.n_e)
+        self.usage += counts
+        self.inputs = inputs
+        return {"loss": loss.item(), "occ": occ.item(), "vq": vq_loss.item(), "acc": acc.item(),
+                "codes": float((counts > 0).sum())}
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> dict:
+        """Every `code_restart` steps: the codes no process picked since the last restart take
+        pre-quantisation codes of this step's global batch (drawn from (seed, step), plus a little
+        noise), the same on every process; the pick counts are saved, so a resume is exact."""
+        every = self.t.code_restart
+        if not every or (step + 1) % every:
+            return {}
+        usage = self.usage.clone()
+        self.usage.zero_()
+        if self.d.enabled:
+            dist.all_reduce(usage)
+        dead = (usage == 0).nonzero().flatten()
+        if len(dead):
+            z = self.model.quantizer.encode(self.model.encoder(self.inputs)).flatten(0, -2).float()
+            if self.d.enabled:                               # the global batch's codes, in sample order
+                parts = [torch.empty_like(z) for _ in range(self.d.world_size)]
+                dist.all_gather(parts, z)
+                z = torch.cat(parts)
+            g = seeded_generator(self.t.seed, step, 1)
+            new = z[torch.randint(len(z), (len(dead),), generator=g).to(z.device)]
+            new = new + 0.01 * z.std() * torch.randn(new.shape, generator=g).to(z.device)
+            weight = self.model.quantizer.quantizer.embedding.weight
+            weight[dead.to(weight.device)] = new.to(weight.dtype)
+        return {"restarted": float(len(dead))}
 
     def evaluate(self, step: int, last: bool, run_log) -> None:
         if self.val_ds is None or not due(step, self.t.eval_every, last):
@@ -122,3 +158,10 @@ class OccupancyTrainer(Trainer):
 
     def save_weights(self, states: dict) -> None:
         save_model(self.out_dir, states["model"], model_config(self.cfg), kind="occupancy_vqvae")
+
+    def stateful(self) -> tuple[dict, dict, dict]:
+        modules, optimizers, _ = super().stateful()
+        return modules, optimizers, {"code_usage": self.usage.tolist()}
+
+    def restore(self, meta: dict) -> None:
+        self.usage = torch.tensor(meta.get("code_usage", [0] * self.cfg.n_e), dtype=torch.long)
