@@ -6,7 +6,9 @@
 Objects cycle through the labels of datasets/shapes.py (8 primitive families and 2 kinds of
 composition) and are drawn from (seed, index), so the same arguments give the same files on
 any machine and with any number of workers. Each object gets 12 G-buffer views, a caption,
-occupancy samples and a surface point cloud (datasets/builder.py). Re-running with the same
+occupancy samples and a surface point cloud (datasets/builder.py), and captions.json: --captions
+captions from the training grammar of datasets/captions.py (the canonical caption first, then
+paraphrases with synonyms, other templates and request wrappers). Re-running with the same
 settings keeps finished objects and writes only the missing ones. --upright leaves out the random
 turn and tilt: the same objects and captions, axis-aligned.
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.builder import add_build_arguments, load_build_config, write_indices, write_object  # noqa: E402
+from datasets.captions import write_captions  # noqa: E402
 from datasets.shapes import LABELS, sample_shape  # noqa: E402
 from utils.cli import ArgumentParser, run  # noqa: E402
 from utils.config import to_dict  # noqa: E402
@@ -40,11 +43,15 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--upright", action="store_true",
                     help="no random yaw or tilt: the same objects and captions, axis-aligned and +z up")
+    ap.add_argument("--captions", type=int, default=8,
+                    help="captions per object in captions.json (written for kept objects too)")
     add_build_arguments(ap)
     args = ap.parse_args(argv)
     cfg = load_build_config(args)
     if args.num < 1:
         raise ValueError("--num must be at least 1")
+    if args.captions < 1:
+        raise ValueError("--captions must be at least 1")
 
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {"generator": "make_shapes", "seed": args.seed, "config": to_dict(cfg)}
@@ -68,6 +75,9 @@ def main(argv=None):
     for label, obj_id in parallel_map(_make_one, jobs, args.workers, "make_shapes"):
         done.setdefault(label, []).append(obj_id)
     minutes = (time.time() - t0) / 60
+    for label, ids in done.items():
+        for obj_id in ids:
+            write_captions(args.out / label / obj_id, args.seed, int(obj_id), args.captions)
     write_indices(args.out, done, cfg.holdout_fraction)
     n = sum(len(v) for v in done.values())
     rate = f", {len(jobs) / minutes:.1f} objects/min" if jobs and minutes > 0 else ""

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 from scipy.spatial import cKDTree
 
+from datasets.captions import training_captions
 from datasets.gbuffer import BACKGROUND_DEPTH, GBufferDataset, read_gbuffer_object
 from datasets.occupancy import ZUP_TO_YUP, read_pointcloud, read_points
 from datasets.shapes import FAMILIES, LABELS, PALETTE, sample_shape
@@ -27,7 +28,10 @@ def test_layout_names_shapes_dtypes(shapes_root):
     objs = _objects(shapes_root)
     assert sorted({c for c, _ in objs}) == sorted(LABELS) and len(objs) == 10
     for cat, d in objs:
-        assert GBUFFER | {"points.npz", "pointcloud.npz"} == {p.name for p in d.iterdir()}
+        assert GBUFFER | {"points.npz", "pointcloud.npz", "captions.json"} == {p.name for p in d.iterdir()}
+        captions = json.loads((d / "captions.json").read_text())
+        assert len(captions) == 8 and captions[0] == (d / "caption_3dtopia.txt").read_text()
+        assert captions == training_captions(captions[0], 0, int(d.name), 8)
         with Image.open(d / "raw_img.png") as im:
             assert im.mode == "RGB" and im.size == (12 * 32, 32)
         with Image.open(d / "depth_alpha.jpg") as im:
