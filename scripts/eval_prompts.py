@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Does the text-to-3D model make what the prompt says? Held-out prompts in, accuracy out.
 
-    python scripts/eval_prompts.py [--num 50] [--seed 1000] [--vqvae DIR] [--ar DIR] [--text-encoder E]
+    python scripts/eval_prompts.py [--num 50] [--seed 1000] [--paraphrase] [--vqvae DIR] [--ar DIR] [--text-encoder E]
     python scripts/eval_prompts.py --reconstruct --data-dir D [--holdout 5] [--vqvae DIR]
     python scripts/eval_prompts.py --images --data-dir D [--holdout 5] [--ar DIR] [--image-encoder E]
 
@@ -9,7 +9,9 @@ The prompts are captions of single-primitive procedural objects (datasets/shapes
 seed the training set did not use (make_shapes uses 0 by default; with --data-dir, prompts whose
 caption occurs in that dataset are skipped, so combinations are held out too), each caption once.
 One object is sampled per prompt (sample.py's models, defaults and sampling settings) and its
-shape family and colour are checked (evaluation/shape_check.py).
+shape family and colour are checked (evaluation/shape_check.py). With --paraphrase each prompt is
+said the way the training grammar never says it (datasets/captions.py `held_out_captions`: new
+synonyms, templates and request wrappers, e.g. "could you build a golden orb?").
 
 With --reconstruct there is no generator: the held-out single-primitive objects of --data-dir (the
 last --holdout of each family's category) are decoded from their own token ids
@@ -35,6 +37,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from datasets.captions import held_out_captions  # noqa: E402
 from datasets.gbuffer import read_precomputed  # noqa: E402
 from datasets.shapes import FAMILIES  # noqa: E402
 from evaluation.shape_check import (NUM_POINTS, classify_colour, classify_family, condition_view,  # noqa: E402
@@ -51,6 +54,8 @@ def main(argv=None) -> int:
     ap.add_argument("--num", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1000, help="shape seed of the prompts (training data: 0)")
     ap.add_argument("--sample-seed", type=int, default=0)
+    ap.add_argument("--paraphrase", action="store_true",
+                    help="ask with held-out paraphrases of the prompts (synonyms, templates, wrappers)")
     ap.add_argument("--data-dir", type=Path, help="training dataset: skip prompts whose caption it holds")
     ap.add_argument("--reconstruct", action="store_true",
                     help="check the VQVAE's decodings of --data-dir's held-out objects instead (no generator)")
@@ -74,6 +79,8 @@ def main(argv=None) -> int:
     if args.reconstruct and args.images:
         raise ValueError("--reconstruct and --images: pick one")
     mode = "--reconstruct" if args.reconstruct else "--images" if args.images else None
+    if mode and args.paraphrase:
+        raise ValueError(f"--paraphrase is for text prompts, not {mode}")
     if mode and args.data_dir is None:
         raise ValueError(f"{mode} needs --data-dir (the dataset whose held-out objects are checked)")
     sampling = SamplingConfig(args.guidance, args.top_k, args.top_p)
@@ -92,9 +99,12 @@ def main(argv=None) -> int:
     else:
         dec = SAR3DPipeline.from_pretrained(None, "text", vqvae=args.vqvae, ar=args.ar, encoder=args.text_encoder,
                                             device=args.device, precision=args.precision)
+        prompts = held_out_prompts(args.num, args.seed, args.data_dir)
+        if args.paraphrase:
+            prompts = [(held_out_captions(p, args.seed, i, 1)[0], f, c) for i, (p, f, c) in enumerate(prompts)]
         cases = [(prompt, family, colour, lambda i=i, p=prompt: dec.triplanes(dec.sample_tokens(
                   p, 1, args.sample_seed + i, sampling)))
-                 for i, (prompt, family, colour) in enumerate(held_out_prompts(args.num, args.seed, args.data_dir))]
+                 for i, (prompt, family, colour) in enumerate(prompts)]
     refs = templates()
     results, tiles = [], []
     for i, (prompt, family, colour, make_planes) in enumerate(tqdm(cases, desc="eval_prompts")):
@@ -120,7 +130,8 @@ def main(argv=None) -> int:
     print(f"{'overall':<12} {len(results):>3} {overall['family']:>10.2f} {overall['colour']:>10.2f}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "results.json").write_text(json.dumps({"overall": overall, "precision": args.precision,
-                                                                "per_object": results}, indent=1))
+                                                                "paraphrase": args.paraphrase, "per_object": results},
+                                                               indent=1))
     contact_sheet(args.out_dir / "contact_sheet.png", tiles)
     print(f"wrote {args.out_dir / 'results.json'} and {args.out_dir / 'contact_sheet.png'}")
     return 0

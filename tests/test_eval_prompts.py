@@ -56,3 +56,15 @@ def test_held_out_prompts_are_distinct_and_a_spent_family_leaves_the_rotation():
     assert len({p for p, _, _ in prompts}) == 200
     # a sphere's caption is only size and colour: 3 x 8 of them, then the other families go on
     assert sum(f == "sphere" for _, f, _ in prompts) == len(SIZES) * len(PALETTE)
+
+
+def test_paraphrase_mode_asks_the_demo_with_held_out_phrasings(tmp_path):
+    import json
+    from datasets.captions import mentions
+    from scripts.eval_prompts import main as eval_prompts
+    assert eval_prompts(["--num", "2", "--paraphrase", "--mesh-resolution", "32", "--out-dir", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["paraphrase"] is True and len(results["per_object"]) == 2
+    canonical = [p for p, _, _ in held_out_prompts(2, 1000, None)]
+    for r, plain in zip(results["per_object"], canonical):
+        assert r["prompt"] != plain and sorted(mentions(r["prompt"])) == sorted(mentions(plain)), (r["prompt"], plain)
