@@ -5,6 +5,8 @@ scripts/eval_prompts.py, for single-primitive procedural objects (datasets/shape
   samples, both normalised (bounding-box centre at the origin, largest half-extent 1), minimised
   over turns about the vertical axis and then refined by ICP (`classify_family`); templates:
   every family at the ends and the middle of each of its proportion ranges;
+  An object farther than MAX_DISTANCE from every template is placed nowhere ("none"): a lump is
+  not a sphere;
 - colour: the palette entry nearest in direction (cosine in RGB, so shading that darkens a
   colour does not change it) to the mesh's mean vertex colour.
 """
@@ -25,6 +27,9 @@ from renderers.mesh_render import sample_surface
 
 NUM_POINTS = 1000
 YAWS = np.radians(np.arange(0, 180, 5))     # boxes and pyramids a few degrees off lose to cylinders and cones
+# Exact procedural objects (turned or upright, any proportion) lie at 0.06-0.15 from their nearest
+# template (the floor is the sampling of 1000 points); two or three merged blobs at about 0.26.
+MAX_DISTANCE = 0.2
 
 
 def normalise(points: np.ndarray) -> np.ndarray:
@@ -61,10 +66,10 @@ def similarity_fit(src: np.ndarray, dst: np.ndarray) -> tuple:
     return R, s, mu_d - s * R @ mu_s
 
 
-def classify_family(points: np.ndarray, refs: list, icp_steps: int = 10) -> str:
-    """The family whose template is nearest to surface `points` (N, 3) by symmetric Chamfer
-    distance. Each template is first matched over turns about z, the points normalised after each
-    turn (a bounding box taken before it shrinks an object turned 45 degrees by up to 1/sqrt(2));
+def place_family(points: np.ndarray, refs: list, icp_steps: int = 10) -> tuple:
+    """(family, distance): the family whose template is nearest to surface `points` (N, 3) by
+    symmetric Chamfer distance (of the normalised shapes), and that distance. Each template is
+    first matched over turns about z, the points normalised after each turn (a bounding box taken before it shrinks an object turned 45 degrees by up to 1/sqrt(2));
     the best turn of each family's best template is then refined by `icp_steps` steps of ICP
     over rotation, scale and shift, which take up the tilt of the procedural objects (up to 15
     degrees) that would otherwise pass a box for a cylinder or a pyramid for a cone."""
@@ -88,7 +93,14 @@ def classify_family(points: np.ndarray, refs: list, icp_steps: int = 10) -> str:
                                              np.concatenate([ref_pts[to_ref], ref_pts]))
                 pts = pts @ (scale * R).T + t
         scores[family] = d
-    return min(scores, key=scores.get)
+    family = min(scores, key=scores.get)
+    return family, float(scores[family])
+
+
+def classify_family(points: np.ndarray, refs: list, icp_steps: int = 10, max_distance: float = MAX_DISTANCE) -> str:
+    """`place_family`'s family, or "none" when even the nearest template is farther than `max_distance`."""
+    family, distance = place_family(points, refs, icp_steps)
+    return family if distance <= max_distance else "none"
 
 
 def classify_colour(colours_uint8: np.ndarray) -> str:

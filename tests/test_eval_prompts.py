@@ -22,6 +22,20 @@ def test_ground_truth_meshes_are_classified_as_their_family():
     assert got == [FAMILIES[i % len(FAMILIES)] for i in range(8, 16)], got
 
 
+def test_a_lump_is_placed_nowhere():
+    import mcubes
+    from evaluation.shape_check import MAX_DISTANCE, place_family
+    g = np.linspace(-1.5, 1.5, 48)
+    X, Y, Z = np.meshgrid(g, g, g, indexing="ij")
+    blobs = [np.sqrt((X - a) ** 2 + (Y - b) ** 2 + (Z - c) ** 2) - r
+             for a, b, c, r in ((0.5, 0, 0, 0.7), (-0.4, 0.2, 0.3, 0.6))]
+    verts, faces = mcubes.marching_cubes(-np.minimum(*blobs), 0)
+    pts = sample_surface(verts.astype(np.float64), faces.astype(np.int64), NUM_POINTS, np.random.default_rng(0))[0]
+    refs = templates()
+    nearest, distance = place_family(pts, refs)
+    assert nearest in FAMILIES and distance > MAX_DISTANCE and classify_family(pts, refs) == "none"
+
+
 def test_similarity_fit_recovers_a_known_transform():
     rng = np.random.default_rng(0)
     q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
