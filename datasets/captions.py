@@ -169,9 +169,10 @@ def training_captions(caption: str, seed: int, index: int, n: int) -> list:
 
 
 def write_captions(obj_dir: Path, seed: int, index: int, n: int) -> None:
-    """OBJ/captions.json: `training_captions` of the object's caption_3dtopia.txt."""
+    """OBJ/caption_variants.json: `training_captions` of the object's caption_3dtopia.txt."""
     caption = (Path(obj_dir) / "caption_3dtopia.txt").read_text(encoding="utf-8").strip()
-    (Path(obj_dir) / "captions.json").write_text(json.dumps(training_captions(caption, seed, index, n), indent=0))
+    captions = training_captions(caption, seed, index, n)
+    (Path(obj_dir) / "caption_variants.json").write_text(json.dumps(captions, indent=0))
 
 
 def held_out_captions(caption: str, seed: int, index: int, n: int) -> list:

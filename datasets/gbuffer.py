@@ -12,7 +12,7 @@ to the root (the official data uses shards 1..8, ours uses the category name). P
 | bbox.npy | (12, 4) int64 foreground box (top, left, bottom, right), inclusive, 256-px units |
 | normal.png | (H, 12H, 3) uint8 world normals (n + 1) / 2, white background (unused for training) |
 | caption_3dtopia.txt, ins.txt | caption; instance id |
-| captions.json | optional: several captions of the object, the first the caption above (make_shapes) |
+| caption_variants.json | optional: several captions of the object, the first the caption above (make_shapes) |
 
 plus, after scripts/precompute.py or from the official release, the token and condition files
 in TOKEN_FILES. Depth is camera z (along the optical axis); a decoded depth above 2.9 is

@@ -69,7 +69,8 @@ def similarity_fit(src: np.ndarray, dst: np.ndarray) -> tuple:
 def place_family(points: np.ndarray, refs: list, icp_steps: int = 10) -> tuple:
     """(family, distance): the family whose template is nearest to surface `points` (N, 3) by
     symmetric Chamfer distance (of the normalised shapes), and that distance. Each template is
-    first matched over turns about z, the points normalised after each turn (a bounding box taken before it shrinks an object turned 45 degrees by up to 1/sqrt(2));
+    first matched over turns about z, the points normalised after each turn (a bounding box
+    taken before it shrinks an object turned 45 degrees by up to 1/sqrt(2));
     the best turn of each family's best template is then refined by `icp_steps` steps of ICP
     over rotation, scale and shift, which take up the tilt of the procedural objects (up to 15
     degrees) that would otherwise pass a box for a cylinder or a pyramid for a cone."""

@@ -6,7 +6,7 @@
 Objects cycle through the labels of datasets/shapes.py (8 primitive families and 2 kinds of
 composition) and are drawn from (seed, index), so the same arguments give the same files on
 any machine and with any number of workers. Each object gets 12 G-buffer views, a caption,
-occupancy samples and a surface point cloud (datasets/builder.py), and captions.json: --captions
+occupancy samples and a surface point cloud (datasets/builder.py), and caption_variants.json: --captions
 captions from the training grammar of datasets/captions.py (the canonical caption first, then
 paraphrases with synonyms, other templates and request wrappers). Re-running with the same
 settings keeps finished objects and writes only the missing ones. --upright leaves out the random
@@ -44,7 +44,7 @@ def main(argv=None):
     ap.add_argument("--upright", action="store_true",
                     help="no random yaw or tilt: the same objects and captions, axis-aligned and +z up")
     ap.add_argument("--captions", type=int, default=8,
-                    help="captions per object in captions.json (written for kept objects too)")
+                    help="captions per object in caption_variants.json (written for kept objects too)")
     add_build_arguments(ap)
     args = ap.parse_args(argv)
     cfg = load_build_config(args)

@@ -28,8 +28,8 @@ def test_layout_names_shapes_dtypes(shapes_root):
     objs = _objects(shapes_root)
     assert sorted({c for c, _ in objs}) == sorted(LABELS) and len(objs) == 10
     for cat, d in objs:
-        assert GBUFFER | {"points.npz", "pointcloud.npz", "captions.json"} == {p.name for p in d.iterdir()}
-        captions = json.loads((d / "captions.json").read_text())
+        assert GBUFFER | {"points.npz", "pointcloud.npz", "caption_variants.json"} == {p.name for p in d.iterdir()}
+        captions = json.loads((d / "caption_variants.json").read_text())
         assert len(captions) == 8 and captions[0] == (d / "caption_3dtopia.txt").read_text()
         assert captions == training_captions(captions[0], 0, int(d.name), 8)
         with Image.open(d / "raw_img.png") as im:

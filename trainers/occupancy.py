@@ -9,8 +9,9 @@ occupancy, all from (seed, step, sample), so that a resumed run continues exactl
 official: binary cross-entropy of the occupancy logits summed over the query points and averaged
 over the objects, plus the VQ loss. Beyond the official recipe, `code_restart` re-seeds the codes
 that no object picked for that many steps with pre-quantisation codes of the current batch (the
-small 4-d codebook otherwise collapses onto a handful of codes). Held-out metric: volumetric IoU of the decoded tokens at every
-point of points.npz, occupied where the probability is at least `iou_threshold`.
+small 4-d codebook otherwise collapses onto a handful of codes). Held-out metric: volumetric IoU
+of the decoded tokens at every point of points.npz, occupied where the probability is at least
+`iou_threshold`.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class TrainConfig(LoopConfig):
     pointcloud_n: int = 30000        # input surface points per object
     noise: float = 0.0005            # std of the Gaussian noise on the inputs (the official code's value)
     vq_weight: float = 1.0
-    code_restart: int = 0            # every N steps, re-seed the codes unused in those N steps (0: never, as the official)
+    code_restart: int = 0            # every N steps, re-seed the codes unused in them (0: never, as the official)
     eval_objects: int = 16           # held-out objects scored at each evaluation (0: all of the split)
     iou_threshold: float = 0.2       # occupancy probability of "inside" (the official generation's)
 
