@@ -6,7 +6,7 @@
     python scripts/demo_results.py --collect             # run nothing: the page from the JSON there is
 
 Each row is one evaluation script on the data `scripts/train_demo.sh` builds (data/upright1k,
-data/shapes1k, data/shapes, data/shapes300, data/caption2k), with its JSON in OUT/<row>/. A row
+data/shapes1k, data/caption2k), with its JSON in OUT/<row>/. A row
 whose JSON is missing is listed as not run, with its command. The commands are run from the
 repository root, one after another; the page says which CPU or GPU ran them and when.
 """
@@ -63,16 +63,19 @@ def _captions(r: dict) -> str:
 ROWS = [
     ("text", "demo text generator, held-out prompts (shape check)",
      "scripts/eval_prompts.py --num 50 --data-dir data/upright1k --out-dir {out}", "results.json", _prompts),
+    ("paraphrase", "demo text generator, the same prompts in held-out phrasings",
+     "scripts/eval_prompts.py --num 50 --paraphrase --data-dir data/upright1k --out-dir {out}", "results.json",
+     _prompts),
     ("image", "demo image generator, held-out objects' images",
      "scripts/eval_prompts.py --images --data-dir data/upright1k --out-dir {out}", "results.json", _prompts),
     ("vqvae", "demo VQVAE, reconstruction of held-out objects",
      "scripts/eval_vqvae.py --ckpt checkpoints/demo/vqvae --data-dir data/shapes1k --holdout 5 --resolution 64 "
      "--out {out}/metrics.json", "metrics.json", _vqvae),
     ("argus_tokenizer", "demo Argus-3D tokenizer, held-out shapes (MISE meshes)",
-     "scripts/eval_occupancy.py --ckpt checkpoints/demo/argus_tokenizer --data-dir data/shapes --inputs 3000 "
+     "scripts/eval_occupancy.py --ckpt checkpoints/demo/argus_tokenizer --data-dir data/caption2k --inputs 3000 "
      "--out-dir {out}", "results.json", _occupancy),
     ("argus_class", "demo class-guided Argus-3D generator, 20 samples per family",
-     "scripts/eval_classes.py --data-dir data/shapes300 --per-class 20 --out-dir {out}", "results.json", _classes),
+     "scripts/eval_classes.py --data-dir data/caption2k --per-class 20 --out-dir {out}", "results.json", _classes),
     ("captioner", "demo captioner, held-out objects (greedy)",
      "scripts/eval_captions.py --ckpt checkpoints/demo/captioner --data-dir data/caption2k --out {out}/results.json",
      "results.json", _captions),

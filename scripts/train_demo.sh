@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Rebuild the embedded demo models (checkpoints/demo) from nothing, on a CPU: the procedural
 # dataset, the small VQVAE and its decoder fine-tuned with the occupancy term, the same objects
-# upright with their token and condition files, then the text and image generators; and for
-# Argus-3D, the small occupancy tokenizer on upright objects and the class-guided generator; the
-# captioner.
+# upright with their token and condition files, then the text and image generators; the
+# captioner; and for Argus-3D, the small occupancy tokenizer and the class-guided generator on the
+# captioner's objects.
 # Every stage resumes where it stopped when the script is run again.
 #   bash scripts/train_demo.sh            # DATA, GEN_DATA, RUNS and OUT override the folders below
 set -euo pipefail
@@ -14,8 +14,6 @@ RUNS=${RUNS:-runs/demo}
 OUT=${OUT:-checkpoints/demo}
 VQVAE_STEPS=${VQVAE_STEPS:-5000}
 DECODER_STEPS=${DECODER_STEPS:-3000}
-ARGUS_TOKENIZER_DATA=${ARGUS_TOKENIZER_DATA:-data/shapes}
-ARGUS_DATA=${ARGUS_DATA:-data/shapes300}
 CAPTION_DATA=${CAPTION_DATA:-data/caption2k}
 
 resume() { if compgen -G "$1/train_state*/state.json" > /dev/null; then echo --resume; fi; }
@@ -38,18 +36,6 @@ for kind in text image; do
   python train_ar.py --config "configs/ar/demo_$kind.yaml" --data-dir "$GEN_DATA" --vqvae "$RUNS/vqvae" \
     --out-dir "$RUNS/ar_$kind" $(resume "$RUNS/ar_$kind")
 done
-# Argus-3D: the tokenizer (configs/argus/small.yaml) on the 100 upright objects of the README's
-# training quick start, the ids of 300 upright objects (every split), the class-guided GPT on them.
-python scripts/make_shapes.py --out "$ARGUS_TOKENIZER_DATA" --num 100 --res 64 --seed 0 --upright
-python scripts/make_shapes.py --out "$ARGUS_DATA" --num 300 --res 64 --seed 0 --upright
-python train_vqvae.py --config configs/argus/small.yaml --data-dir "$ARGUS_TOKENIZER_DATA" \
-  --out-dir "$RUNS/argus_tokenizer" $(resume "$RUNS/argus_tokenizer")
-for split in train val test; do
-  python scripts/precompute.py --data-dir "$ARGUS_DATA" --occupancy-vqvae "$RUNS/argus_tokenizer" --inputs 3000 \
-    --split "$split" --overwrite
-done
-python train_ar.py --config configs/argus/gpt_small.yaml --data-dir "$ARGUS_DATA" --out-dir "$RUNS/argus_class" \
-  $(resume "$RUNS/argus_class")
 # The captioner: a small random LLaMA (word-level tokenizer) trained from scratch on the ids of
 # upright objects (the first 600 are GEN_DATA's), the last 5 of each category held out: 1000
 # steps on 1000 objects, then 1500 more from those weights on 2000 objects.
@@ -66,6 +52,16 @@ for num in 1000 2000; do
       --max-steps 1500 --out-dir "$RUNS/captioner" $(resume "$RUNS/captioner")
   fi
 done
+# Argus-3D: the tokenizer (configs/argus/small.yaml, an hour on 2 cores) on the captioner's 2000
+# upright objects, their ids (every split), the class-guided GPT on them.
+python train_vqvae.py --config configs/argus/small.yaml --data-dir "$CAPTION_DATA" \
+  --out-dir "$RUNS/argus_tokenizer" $(resume "$RUNS/argus_tokenizer")
+for split in train val test; do
+  python scripts/precompute.py --data-dir "$CAPTION_DATA" --occupancy-vqvae "$RUNS/argus_tokenizer" --inputs 3000 \
+    --split "$split" --overwrite
+done
+python train_ar.py --config configs/argus/gpt_small.yaml --data-dir "$CAPTION_DATA" --out-dir "$RUNS/argus_class" \
+  $(resume "$RUNS/argus_class")
 for m in vqvae_dec ar_text ar_image argus_tokenizer argus_class captioner; do
   dst="$OUT/${m%_dec}"
   mkdir -p "$dst"

@@ -24,7 +24,7 @@ def test_the_page_summarises_each_json_and_lists_the_rest(tmp_path):
     proc = _run("--collect", "--out", str(out), "--page", str(page))
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in page.read_text().splitlines() if line.startswith("| demo")]
-    assert len(rows) == 6
+    assert len(rows) == 7
     cap = next(r for r in rows if "captioner" in r)
     assert "90% family, 86% colour; BLEU-4 0.500, ROUGE-L 0.750" in cap and "2026-12-07, cpu, 1.5 min" in cap
     assert "IoU 0.800, Chamfer-L1 0.0200" in next(r for r in rows if "tokenizer" in r)
