@@ -4,9 +4,8 @@ scripts/eval_prompts.py, for single-primitive procedural objects (datasets/shape
 - shape family: the nearest analytic template by symmetric Chamfer distance between surface
   samples, both normalised (bounding-box centre at the origin, largest half-extent 1), minimised
   over turns about the vertical axis and then refined by ICP (`classify_family`); templates:
-  every family at the ends and the middle of each of its proportion ranges;
-  An object farther than MAX_DISTANCE from every template is placed nowhere ("none"): a lump is
-  not a sphere;
+  every family at the ends and the middle of each of its proportion ranges; an object farther
+  than MAX_DISTANCE from every template is placed nowhere ("none"): a lump is not a sphere;
 - colour: the palette entry nearest in direction (cosine in RGB, so shading that darkens a
   colour does not change it) to the mesh's mean vertex colour.
 """
@@ -66,9 +65,10 @@ def similarity_fit(src: np.ndarray, dst: np.ndarray) -> tuple:
     return R, s, mu_d - s * R @ mu_s
 
 
-def place_family(points: np.ndarray, refs: list, icp_steps: int = 10) -> tuple:
+def place_family(points: np.ndarray, refs: list, icp_steps: int = 10, max_distance: float = MAX_DISTANCE) -> tuple:
     """(family, distance): the family whose template is nearest to surface `points` (N, 3) by
-    symmetric Chamfer distance (of the normalised shapes), and that distance. Each template is
+    symmetric Chamfer distance (of the normalised shapes), or "none" when even that one is
+    farther than `max_distance`, and that distance. Each template is
     first matched over turns about z, the points normalised after each turn (a bounding box
     taken before it shrinks an object turned 45 degrees by up to 1/sqrt(2));
     the best turn of each family's best template is then refined by `icp_steps` steps of ICP
@@ -95,13 +95,12 @@ def place_family(points: np.ndarray, refs: list, icp_steps: int = 10) -> tuple:
                 pts = pts @ (scale * R).T + t
         scores[family] = d
     family = min(scores, key=scores.get)
-    return family, float(scores[family])
+    return (family if scores[family] <= max_distance else "none"), float(scores[family])
 
 
-def classify_family(points: np.ndarray, refs: list, icp_steps: int = 10, max_distance: float = MAX_DISTANCE) -> str:
-    """`place_family`'s family, or "none" when even the nearest template is farther than `max_distance`."""
-    family, distance = place_family(points, refs, icp_steps)
-    return family if distance <= max_distance else "none"
+def classify_family(points: np.ndarray, refs: list, icp_steps: int = 10) -> str:
+    """`place_family`'s family."""
+    return place_family(points, refs, icp_steps)[0]
 
 
 def classify_colour(colours_uint8: np.ndarray) -> str:

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datasets.captions import held_out_captions  # noqa: E402
 from datasets.gbuffer import read_precomputed  # noqa: E402
 from datasets.shapes import FAMILIES  # noqa: E402
-from evaluation.shape_check import (MAX_DISTANCE, NUM_POINTS, classify_colour, condition_view,  # noqa: E402
+from evaluation.shape_check import (NUM_POINTS, classify_colour, condition_view,  # noqa: E402
                                     contact_sheet, held_out_objects, held_out_prompts, place_family, templates)
 from models.layout import sequence_to_planes  # noqa: E402
 from models.precision import PRECISIONS  # noqa: E402
@@ -112,8 +112,7 @@ def main(argv=None) -> int:
         try:
             verts, faces, colours = dec.mesh(planes, args.mesh_resolution)
             pts = sample_surface(verts, faces, NUM_POINTS, np.random.default_rng(i))[0]
-            nearest, distance = place_family(pts, refs)
-            got_family, got_colour = nearest if distance <= MAX_DISTANCE else "none", classify_colour(colours)
+            (got_family, distance), got_colour = place_family(pts, refs), classify_colour(colours)
         except ValueError:                      # no surface: counts as wrong on both
             got_family, got_colour, distance = "none", "none", None
         results.append({"prompt": prompt, "family": family, "colour": colour, "predicted_family": got_family,
