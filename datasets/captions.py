@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.shapes import FAMILIES, PALETTE
+from datasets.shapes import FAMILIES, PALETTE, article
 
 
 @dataclass(frozen=True)
@@ -112,10 +112,6 @@ def parse_caption(caption: str) -> Description:
     raise ValueError(f"not a caption of the procedural shapes: {caption!r}")
 
 
-def _article(phrase: str) -> str:
-    return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
-
-
 def _pick(rng, options):
     return options[int(rng.integers(len(options)))]
 
@@ -130,7 +126,7 @@ def _draw(desc: Description, rng, held: set) -> str:
         family = _pick(rng, g["family"].families[p.family])
         colour = _pick(rng, g["colour"].colours[p.colour])[0]
         phrase = _pick(rng, g["part"].parts).format(adj=f"{adj} " if adj else "", colour=colour, family=family)
-        return _article(phrase)
+        return f"{article(phrase)} {phrase}"
 
     if desc.relation is None:
         body = part(desc.parts[0])

@@ -95,7 +95,7 @@ def primitive_sdf(family: str, q: float, aux: float, p: np.ndarray) -> np.ndarra
     raise ValueError(f"unknown family {family!r}")
 
 
-def _article(word: str) -> str:
+def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
@@ -192,7 +192,7 @@ def sample_shape(seed: int, index: int, label: str | None = None, mc_res: int = 
         size_word = list(SIZES)[rng.integers(len(SIZES))]
         words = " ".join(w for w in (size_word, word, part.color, label) if w)
         R = np.eye(3) if upright else _rotation(yaw, math.radians(rng.uniform(0, 15)), rng.uniform(0, 2 * math.pi))
-        return ProceduralShape([part], label, f"{_article(words)} {words}", SIZES[size_word], R, mc_res)
+        return ProceduralShape([part], label, f"{article(words)} {words}", SIZES[size_word], R, mc_res)
     if label not in COMPOSITIONS:
         raise ValueError(f"unknown shape label {label!r}; known: {LABELS}")
     first = rng.choice(FAMILIES) if label == "pair" else rng.choice(STACK_BOTTOMS)
@@ -204,9 +204,9 @@ def sample_shape(seed: int, index: int, label: str | None = None, mc_res: int = 
     ea, eb = a.half_extent(), b.scale * b.half_extent()
     if label == "stack":   # b rests on a, overlapping slightly so the union is one solid
         b.offset = np.array([0.0, 0.0, ea[2] + eb[2] - 0.04])
-        caption = f"{_article(b.color)} {b.color} {b.family} on top of {_article(a.color)} {a.color} {a.family}"
+        caption = f"{article(b.color)} {b.color} {b.family} on top of {article(a.color)} {a.color} {a.family}"
     else:                  # b beside a along x, a small gap between them
         b.offset = np.array([ea[0] + eb[0] + 0.15, 0.0, eb[2] - ea[2]])
-        caption = f"{_article(a.color)} {a.color} {a.family} next to {_article(b.color)} {b.color} {b.family}"
+        caption = f"{article(a.color)} {a.color} {a.family} next to {article(b.color)} {b.color} {b.family}"
     R = np.eye(3) if upright else _rotation(yaw, 0.0, 0.0)
     return ProceduralShape([a, b], label, caption, 1.0, R, mc_res)
