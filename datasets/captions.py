@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.shapes import FAMILIES, PALETTE, article
+from datasets.shapes import FAMILIES, PALETTE, PROPORTIONS, SIZES, article
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,9 @@ SLOTS = ("family", "colour", "size", "proportion", "part", "relation", "wrapper"
 _ART = r"(a|an)"
 _COLOUR = "|".join(PALETTE)
 _FAMILY = "|".join(FAMILIES)
-_SINGLE = re.compile(rf"^{_ART} (?:(small|large) )?(?:(flat|tall|thin|thick) )?({_COLOUR}) ({_FAMILY})$")
+_SIZE = "|".join(w for w in SIZES if w)
+_PROPORTION = "|".join(sorted({w for words in PROPORTIONS.values() for w in words if w}))
+_SINGLE = re.compile(rf"^{_ART} (?:({_SIZE}) )?(?:({_PROPORTION}) )?({_COLOUR}) ({_FAMILY})$")
 _PAIRED = re.compile(rf"^{_ART} ({_COLOUR}) ({_FAMILY}) (on top of|next to) {_ART} ({_COLOUR}) ({_FAMILY})$")
 
 
@@ -190,12 +192,18 @@ def _lexicon() -> list:
     return sorted(words, key=lambda x: -len(x[0]))
 
 
+def phrase_pattern(phrase: str) -> str:
+    """A regular expression of `phrase` as whole words: "cone" is not in "cone-shaped", "red" is in
+    "red-coloured"."""
+    return rf"(?<![\w-]){re.escape(phrase)}(?!\w|-(?!coloured\b))"
+
+
 def mentions(text: str) -> list:
     """[(kind, value)] of the family and colour words in `text`, in reading order (longest
     phrases first, each word used once)."""
     text, found = f" {text.lower()} ", []
-    for phrase, kind, value in _lexicon():               # a whole word: "cone" is not in "cone-shaped"
-        pattern = rf"(?<![\w-]){re.escape(phrase)}(?!\w|-(?!coloured\b))"
+    for phrase, kind, value in _lexicon():
+        pattern = phrase_pattern(phrase)
         found += [(m.start(), kind, value) for m in re.finditer(pattern, text)]
         text = re.sub(pattern, lambda m: "#" * len(m[0]), text)
     return [(k, v) for _, k, v in sorted(found)]
