@@ -71,6 +71,21 @@ def _folder(folder: Path, names: tuple, flag: str, given) -> Path:
                             f"or pass {flag} PATH")
 
 
+@torch.no_grad()
+def tokenizer_mesh(tokenizer: OccupancyVQVAE, planes: dict) -> tuple:
+    """One object's decoded planes -> (vertices (N, 3) +z up, faces (F, 3), grey colours (N, 3)
+    uint8) by the official MISE (resolution 32, 2 up-sampling steps, threshold 0.2). ValueError
+    when there is no surface."""
+    device = next(tokenizer.parameters()).device
+
+    def logits(points: torch.Tensor) -> torch.Tensor:
+        return tokenizer.query(planes, points.to(device)[None])[0].cpu()
+    v, f = extract_occupancy_mesh(logits, padding=tokenizer.cfg.padding)
+    if len(f) == 0:
+        raise ValueError("the sampled shape has no surface (empty occupancy)")
+    return v @ ZUP_TO_YUP, f, np.full((len(v), 3), GREY, np.uint8)
+
+
 class ArgusPipeline:
     """The tokenizer, the generator and (image/text generators) the condition encoder, loaded once."""
 
@@ -118,18 +133,6 @@ class ArgusPipeline:
         _, pooled = self.encoder.encode([x])
         return Condition(pooled=pooled.to(self.device))
 
-    @torch.no_grad()
-    def mesh(self, planes: dict) -> tuple:
-        """One object's planes -> (vertices (N, 3) +z up, faces (F, 3), grey colours (N, 3) uint8)
-        by the official MISE (resolution 32, 2 up-sampling steps, threshold 0.2). ValueError when
-        there is no surface."""
-        def logits(points: torch.Tensor) -> torch.Tensor:
-            return self.tokenizer.query(planes, points.to(self.device)[None])[0].cpu()
-        v, f = extract_occupancy_mesh(logits, padding=self.tokenizer.cfg.padding)
-        if len(f) == 0:
-            raise ValueError("the sampled shape has no surface (empty occupancy)")
-        return v @ ZUP_TO_YUP, f, np.full((len(v), 3), GREY, np.uint8)
-
     def __call__(self, x, num_samples: int = 1, seed: int = 0, sampling: ArgusSampling | None = None, *,
                  frames: int = 24, render_resolution: int = 128, mesh: bool = True, video: bool = True,
                  progress: bool | None = None) -> list[Object3D]:
@@ -160,7 +163,7 @@ class ArgusPipeline:
             t = time.perf_counter()
             if mesh:
                 try:
-                    obj.mesh = self.mesh(mine)
+                    obj.mesh = tokenizer_mesh(self.tokenizer, mine)
                 except ValueError as e:
                     obj.mesh_error = str(e)
             obj.times["mesh"] = time.perf_counter() - t

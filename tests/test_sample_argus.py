@@ -99,3 +99,16 @@ def test_class_evaluation_writes_its_results(argus_models, shapes_root, tmp_path
     assert results["reference_shapes"] == 2
     if results["generated_shapes"]:
         assert {"cov_cd", "mmd_cd", "1nna_cd", "cov_emd", "mmd_emd", "1nna_emd"} <= set(results["generation_metrics"])
+
+
+def test_class_evaluation_of_the_tokenizer_reconstructions(argus_models, shapes_root, tmp_path):
+    from datasets.occupancy import read_split
+    from scripts.eval_classes import main as evaluate
+    out = tmp_path / "eval"
+    assert evaluate(["--data-dir", str(shapes_root), "--vqvae", str(argus_models / "tokenizer"), "--reconstruct",
+                     "--reference-splits", "train", "--inputs", "500", "--out-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["reconstruct"] and results["generated_shapes"] == 0 and results["per_class"]
+    for name, r in results["per_class"].items():        # one placement per held-out object of the family
+        assert sum(r["seen"].values()) == len(read_split(shapes_root, name, "train")) and 0 <= r["recognised"] <= 1
+

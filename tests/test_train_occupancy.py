@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 import train_vqvae
 from models.occupancy_vqvae import OccupancyVQVAE, OccupancyVQVAEConfig, load_occupancy_vqvae
 from models.raster_ar import RasterAR, RasterARConfig, load_raster_ar
+from trainers.occupancy import TrainConfig, draw
+from trainers.sampler import seeded_generator
 from utils.cli import run
 from tests.helpers import torchrun, train_log
 
@@ -61,6 +63,25 @@ def test_code_restart_revives_unused_codes(shapes_root, tmp_path):
     assert [r["step"] for r in on if "restarted" in r] == [2, 4, 6] and not any("restarted" in r for r in off)
     assert on[1]["restarted"] > 0                                   # the small uniform init leaves most codes unused
     assert sum(r["codes"] for r in on[2:]) > sum(r["codes"] for r in off[2:])
+
+
+def test_near_surface_queries_lie_near_the_surface():
+    """A ball of radius 0.3: the near-surface half of the queries hugs the sphere, the uniform
+    queries do not, the inputs are those of a uniform draw, and the labels are the ball's own (up
+    to the 1e-4 jitter)."""
+    points = torch.rand(20000, 3, generator=torch.Generator().manual_seed(0)) - 0.5
+    occ = (points.norm(dim=-1) < 0.3).float()
+    dirs = torch.randn(5000, 3, generator=torch.Generator().manual_seed(1))
+    surface = 0.3 * dirs / dirs.norm(dim=-1, keepdim=True)
+    uniform = TrainConfig(num_points=512, pointcloud_n=1000)
+    near = TrainConfig(num_points=512, pointcloud_n=1000, near_surface=0.5)
+    inputs0, queries0, _ = draw(uniform, seeded_generator(0, 1), points, occ, surface)
+    inputs, queries, labels = draw(near, seeded_generator(0, 1), points, occ, surface)
+    assert queries.shape == (512, 3) and labels.shape == (512,) and torch.equal(inputs, inputs0)
+    gap = (queries.norm(dim=-1) - 0.3).abs()
+    assert gap[256:].max() < 0.1 and gap[256:].mean() < 0.3 * gap[:256].mean()
+    assert (queries0.norm(dim=-1) - 0.3).abs().mean() > 3 * gap[256:].mean()
+    assert ((queries.norm(dim=-1) < 0.3).float() == labels).float().mean() > 0.99
 
 
 def test_official_files_convert_strictly_and_never_run_their_payload(tmp_path, capsys):

@@ -5,7 +5,10 @@ Data: an occupancy dataset in the ONet layout (datasets/occupancy.py; scripts/ma
 scripts/render_meshes.py write it beside the G-buffer views): the "train" split lists train, the
 "val" split is held out. Each step draws, per object, `pointcloud_n` surface points (with
 Gaussian noise `noise`) as the input and `num_points` query points of points.npz with their
-occupancy, all from (seed, step, sample), so that a resumed run continues exactly. Loss, as the
+occupancy, all from (seed, step, sample), so that a resumed run continues exactly. Beyond the
+official recipe, a `near_surface` share of the query points are the points of points.npz nearest
+the object's surface (the closest of a random pool), where the uniform points that decide the IoU
+are hardest. Loss, as the
 official: binary cross-entropy of the occupancy logits summed over the query points and averaged
 over the objects, plus the VQ loss. Beyond the official recipe, `code_restart` re-seeds the codes
 that no object picked for that many steps with pre-quantisation codes of the current batch (the
@@ -22,6 +25,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from scipy.spatial import cKDTree
 
 from datasets.occupancy import OccupancyDataset, subsample
 from evaluation.occupancy import volumetric_iou as iou
@@ -31,6 +35,7 @@ from trainers.loop import LoopConfig, Trainer, due
 from trainers.sampler import seeded_generator
 from utils.checkpoint import save_model
 
+NEAR_POOL = 8                        # near-surface queries: the closest 1/8 of a random pool
 ALL = 1 << 30                        # "every point" for OccupancyDataset: the trainer draws its own
 
 
@@ -45,6 +50,7 @@ class TrainConfig(LoopConfig):
     noise: float = 0.0005            # std of the Gaussian noise on the inputs (the official code's value)
     vq_weight: float = 1.0
     code_restart: int = 0            # every N steps, re-seed the codes unused in them (0: never, as the official)
+    near_surface: float = 0.0        # share of the query points drawn near the surface (0: uniform, as the official)
     eval_objects: int = 16           # held-out objects scored at each evaluation (0: all of the split)
     iou_threshold: float = 0.2       # occupancy probability of "inside" (the official generation's)
 
@@ -63,9 +69,15 @@ def collate(samples: list) -> dict:
 
 def draw(t: TrainConfig, g: torch.Generator, points, occ, surface) -> tuple:
     """One object's training sample: (inputs (pointcloud_n, 3), queries (num_points, 3) with
-    ONet's 1e-4 jitter, labels (num_points,))."""
-    qi, si = subsample(len(points), t.num_points, g), subsample(len(surface), t.pointcloud_n, g)
+    ONet's 1e-4 jitter, labels (num_points,)). The near-surface queries are the closest to the
+    drawn surface points of NEAR_POOL times as many random points of the file."""
+    n_near = round(t.near_surface * t.num_points)
+    qi, si = subsample(len(points), t.num_points - n_near, g), subsample(len(surface), t.pointcloud_n, g)
     inputs = surface[si] + t.noise * torch.randn(len(si), 3, generator=g)
+    if n_near:
+        pool = subsample(len(points), NEAR_POOL * n_near, g)
+        dist_to_surface = torch.from_numpy(cKDTree(surface[si].numpy()).query(points[pool].numpy())[0])
+        qi = torch.cat([qi, pool[dist_to_surface.argsort(stable=True)[:n_near]]])
     queries = points[qi] + 1e-4 * torch.randn(len(qi), 3, generator=g)
     return inputs, queries, occ[qi]
 
@@ -95,6 +107,8 @@ class OccupancyTrainer(Trainer):
     def __init__(self, cfg: OccupancyRunConfig, data_dir, out_dir, resume: bool = False):
         super().__init__(cfg, out_dir)
         t = cfg.train
+        if not 0.0 <= t.near_surface <= 1.0:
+            raise ValueError(f"train.near_surface is a share of the query points, in [0, 1]; got {t.near_surface}")
         kw = dict(num_points=ALL, pointcloud_n=ALL, noise=0.0, float16_noise=0.0)   # drawn in train_step
         self.train_ds = OccupancyDataset(data_dir, "train", **kw)
         self.val_ds = OccupancyDataset(data_dir, "val", **kw) if self.d.is_main and t.eval_every > 0 else None
