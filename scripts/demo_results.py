@@ -53,6 +53,11 @@ def _classes(r: dict) -> str:
             f"MMD-CD {m['mmd_cd']:.4f}, 1-NNA-CD {_pct(m['1nna_cd'])}")
 
 
+def _ceiling(r: dict) -> str:
+    per = ", ".join(f"{k} {v['seen'].get(k, 0)}/{sum(v['seen'].values())}" for k, v in r["per_class"].items())
+    return f"{_pct(r['mean_recognised'])} placed as their family ({per})"
+
+
 def _captions(r: dict) -> str:
     s = r["scores"]
     return (f"{_pct(s['family_acc'])} family, {_pct(s['colour_acc'])} colour; BLEU-4 {s['bleu4']:.3f}, "
@@ -76,6 +81,9 @@ ROWS = [
      "--out-dir {out}", "results.json", _occupancy),
     ("argus_class", "demo class-guided Argus-3D generator, 20 samples per family",
      "scripts/eval_classes.py --data-dir data/caption2k --per-class 20 --out-dir {out}", "results.json", _classes),
+    ("argus_ceiling", "demo Argus-3D tokenizer's own reconstructions of the held-out objects (the class "
+     "generator's ceiling)", "scripts/eval_classes.py --data-dir data/caption2k --reconstruct --out-dir {out}",
+     "results.json", _ceiling),
     ("captioner", "demo captioner, held-out objects (greedy)",
      "scripts/eval_captions.py --ckpt checkpoints/demo/captioner --data-dir data/caption2k --out {out}/results.json",
      "results.json", _captions),

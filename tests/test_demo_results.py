@@ -21,13 +21,18 @@ def test_the_page_summarises_each_json_and_lists_the_rest(tmp_path):
     (out / "argus_tokenizer").mkdir()
     mean = {"iou": 0.8, "chamfer_l1": 0.02, "normal_consistency": 0.9, "fscore": 0.4}
     (out / "argus_tokenizer" / "results.json").write_text(json.dumps({"mean": mean, "per_shape": [{}] * 10}))
+    (out / "argus_ceiling").mkdir()
+    per_class = {"box": {"recognised": 0.2, "seen": {"box": 2, "cylinder": 8}},
+                 "cone": {"recognised": 1.0, "seen": {"cone": 10}}}
+    (out / "argus_ceiling" / "results.json").write_text(json.dumps({"per_class": per_class, "mean_recognised": 0.6}))
     proc = _run("--collect", "--out", str(out), "--page", str(page))
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in page.read_text().splitlines() if line.startswith("| demo")]
-    assert len(rows) == 7
+    assert len(rows) == 8
     cap = next(r for r in rows if "captioner" in r)
     assert "90% family, 86% colour; BLEU-4 0.500, ROUGE-L 0.750" in cap and "2026-12-07, cpu, 1.5 min" in cap
-    assert "IoU 0.800, Chamfer-L1 0.0200" in next(r for r in rows if "tokenizer" in r)
+    assert "IoU 0.800, Chamfer-L1 0.0200" in next(r for r in rows if "tokenizer, held-out" in r)
+    assert "60% placed as their family (box 2/10, cone 10/10)" in next(r for r in rows if "reconstructions" in r)
     text = next(r for r in rows if "text generator" in r)
     assert "not run yet" in text and "scripts/eval_prompts.py --num 50 --data-dir data/upright1k" in text
 
