@@ -82,7 +82,7 @@ def tokenizer_mesh(tokenizer: OccupancyVQVAE, planes: dict) -> tuple:
         return tokenizer.query(planes, points.to(device)[None])[0].cpu()
     v, f = extract_occupancy_mesh(logits, padding=tokenizer.cfg.padding)
     if len(f) == 0:
-        raise ValueError("the sampled shape has no surface (empty occupancy)")
+        raise ValueError("the decoded shape has no surface (empty occupancy)")
     return v @ ZUP_TO_YUP, f, np.full((len(v), 3), GREY, np.uint8)
 
 
