@@ -47,6 +47,9 @@ CONDITION_FILES = {
     "image": {"tokens_and_pooled": "image_dino_embedding_lrm.npy"},  # (1 + T, D), row 0 pooled
     "text": {"tokens": "text_embedding_lrm_3dtopia.npy", "pooled": "text_pooler_output_lrm_3dtopia.npy"},
 }
+# Every caption of caption_variants.json through the text encoder (precompute.py --text-encoder, for
+# the objects that have the file): (V, T, D) and (V, D), row 0 the first caption's.
+TEXT_VARIANT_FILES = {"tokens": "text_variants_embedding.npy", "pooled": "text_variants_pooler_output.npy"}
 # The unconditional embeddings, once per dataset at its root (the official files/): token sequence
 # ((1 + T, D) for the image, row 0 pooled, as the per-object file; (77, D) for text) and pooled (D,).
 EMPTY_FILES = {"image": ("empty_dino_embedding.npy", "empty_dino_pooler_output.npy"),
@@ -165,6 +168,18 @@ def read_text(path) -> str:
         raise DatasetError(path, f"unreadable text ({e})") from None
 
 
+def read_caption_variants(obj_dir) -> list:
+    """OBJ/caption_variants.json: a non-empty list of non-empty captions."""
+    path = Path(obj_dir) / "caption_variants.json"
+    try:
+        captions = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise DatasetError(path, f"not JSON ({e})") from None
+    if not (isinstance(captions, list) and captions and all(isinstance(c, str) and c.strip() for c in captions)):
+        raise DatasetError(path, "expected a non-empty list of non-empty captions")
+    return captions
+
+
 def read_gbuffer_object(obj_dir) -> dict:
     """Decode one object's V views (V from c.npy; 12 officially). Returns numpy arrays: rgb (V, H, W, 3) uint8, depth (V, H, W)
     float32 (0 = background, decoded as the official loader does), alpha (V, H, W) in [0, 1],
@@ -196,9 +211,10 @@ def read_gbuffer_object(obj_dir) -> dict:
 def read_precomputed(obj_dir, condition: str | None = None, vocab_size: int | None = None) -> dict:
     """Token ids, teacher-forcing input and (optionally) the condition embeddings of one object.
 
-    condition: None, "image" (DINOv2: 'cond_tokens' (T, D), 'cond_pooled' (D,) from row 0) or
-    "text" (CLIP: 'cond_tokens' (77, D), 'cond_pooled' (D,)). The token ids must lie in
-    [0, vocab_size): the given one, else the one the dataset root records for the VQVAE that
+    condition: None, "image" (DINOv2: 'cond_tokens' (T, D), 'cond_pooled' (D,) from row 0),
+    "text" (CLIP: 'cond_tokens' (77, D), 'cond_pooled' (D,)) or "text_variants" (every caption
+    of caption_variants.json: 'cond_tokens_variants' (V, T, D), 'cond_pooled_variants' (V, D)).
+    The token ids must lie in [0, vocab_size): the given one, else the one the dataset root records for the VQVAE that
     wrote them (tokenizer.json, when there is one).
     """
     d = Path(obj_dir)
@@ -221,8 +237,17 @@ def read_precomputed(obj_dir, condition: str | None = None, vocab_size: int | No
     elif condition == "text":
         out["cond_tokens"] = torch.from_numpy(read_npy(d / CONDITION_FILES["text"]["tokens"], (None, None), "f")).float()
         out["cond_pooled"] = torch.from_numpy(read_npy(d / CONDITION_FILES["text"]["pooled"], (None,), "f")).float()
+    elif condition == "text_variants":
+        path = d / TEXT_VARIANT_FILES["tokens"]
+        if not path.is_file():
+            raise DatasetError(path, "missing caption-variant embeddings: scripts/make_shapes.py writes "
+                               "caption_variants.json, then scripts/precompute.py --text-encoder encodes them")
+        tok = read_npy(path, (None, None, None), "f")
+        pooled = read_npy(d / TEXT_VARIANT_FILES["pooled"], (tok.shape[0], tok.shape[2]), "f")
+        out["cond_tokens_variants"] = torch.from_numpy(tok).float()
+        out["cond_pooled_variants"] = torch.from_numpy(pooled).float()
     elif condition is not None:
-        raise ValueError(f"unknown condition {condition!r}: use None, 'image' or 'text'")
+        raise ValueError(f"unknown condition {condition!r}: use None, 'image', 'text' or 'text_variants'")
     return out
 
 

@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 from datasets.errors import DatasetError
-from datasets.gbuffer import (CONDITION_FILES, EMPTY_FILES, TOKEN_FILES, GBufferDataset, confined, dino_view,
-                              read_text)
+from datasets.gbuffer import (CONDITION_FILES, EMPTY_FILES, TEXT_VARIANT_FILES, TOKEN_FILES, GBufferDataset, confined,
+                              dino_view, read_caption_variants, read_text)
 from models.conditioners import load_conditioner
 from models.inputs import encoder_views, input_view_sets
 from models.layout import check_pair, planes_to_sequence, tokenizer_signature
@@ -32,7 +32,8 @@ log = logging.getLogger("precompute")
 TOKENIZER_FILE = "tokenizer.json"
 OUTPUT_FILES = {"tokens": tuple(TOKEN_FILES.values()),
                 "image": tuple(CONDITION_FILES["image"].values()),
-                "text": tuple(CONDITION_FILES["text"].values())}
+                "text": tuple(CONDITION_FILES["text"].values()),
+                "text_variants": tuple(TEXT_VARIANT_FILES.values())}    # objects with caption_variants.json
 
 
 def read_tokenizer_record(root, name: str = TOKENIZER_FILE) -> dict | None:
@@ -94,6 +95,8 @@ class Pending(torch.utils.data.Dataset):
                 out["dino_image"] = sample["rgb"][dino_view(d)]
         if "text" in needs:
             out["caption"] = read_text(d / "caption_3dtopia.txt")
+        if "text_variants" in needs:
+            out["caption_variants"] = read_caption_variants(d)
         return out
 
 
@@ -103,6 +106,8 @@ def find_jobs(dataset: GBufferDataset, wanted: set, overwrite: bool) -> list:
     for i, (rel, _) in enumerate(dataset.items):
         d = confined(dataset.root, rel)
         needs = {k for k in wanted if overwrite or not all((d / f).is_file() for f in OUTPUT_FILES[k])}
+        if not (d / "caption_variants.json").is_file():
+            needs.discard("text_variants")
         if needs:
             jobs.append((i, needs))
     return jobs
@@ -134,6 +139,15 @@ def write_batch(batch: list, vqvae, image_enc, text_enc, device):
         for b, t, p in zip(items, tokens.cpu().numpy(), pooled.cpu().numpy()):
             save_npy(b["dir"] / CONDITION_FILES["text"]["tokens"], t)
             save_npy(b["dir"] / CONDITION_FILES["text"]["pooled"], p)
+    items = [b for b in batch if "text_variants" in b["needs"]]
+    if items:
+        tokens, pooled = text_enc.encode([c for b in items for c in b["caption_variants"]])
+        first = 0
+        for b in items:
+            n = len(b["caption_variants"])
+            save_npy(b["dir"] / TEXT_VARIANT_FILES["tokens"], tokens[first:first + n].cpu().numpy())
+            save_npy(b["dir"] / TEXT_VARIANT_FILES["pooled"], pooled[first:first + n].cpu().numpy())
+            first += n
 
 
 def write_empty(root: Path, kind: str, enc) -> None:
@@ -153,6 +167,8 @@ def precompute(data_dir, vqvae_dir, image_encoder=None, text_encoder=None, split
     data_dir = Path(data_dir)
     dataset = GBufferDataset(data_dir, split=split, holdout=holdout, mode="views")
     wanted = {"tokens"} | {k for k, source in (("image", image_encoder), ("text", text_encoder)) if source}
+    if text_encoder:
+        wanted.add("text_variants")
     jobs = find_jobs(dataset, wanted, overwrite)
     done = len(dataset) - len(jobs)
     if not jobs:
@@ -169,7 +185,7 @@ def precompute(data_dir, vqvae_dir, image_encoder=None, text_encoder=None, split
         except ValueError as e:
             raise ValueError(f"{e}; or pass --overwrite to recompute every object's tokens") from None
     image_enc = load_conditioner("image", image_encoder, device) if "image" in needed else None
-    text_enc = load_conditioner("text", text_encoder, device) if "text" in needed else None
+    text_enc = load_conditioner("text", text_encoder, device) if needed & {"text", "text_variants"} else None
     for kind, enc in (("image", image_enc), ("text", text_enc)):
         if enc is not None:
             write_empty(data_dir, kind, enc)

@@ -16,6 +16,7 @@ CONDITION_FILES), what GBufferDataset(mode="tokens") reads back:
 | x_BLCv_wo_first_l_dim_8_l2_norm_lrm_256.npy | (2037, 8) float32 | teacher-forcing input |
 | image_dino_embedding_lrm.npy | (257, 1024) float32 | [pooled; 256 patch tokens] of view (id % 4) + 1 |
 | text_embedding_lrm_3dtopia.npy, text_pooler_output_lrm_3dtopia.npy | (77, 768), (768,) | caption |
+| text_variants_embedding.npy, text_variants_pooler_output.npy | (V, 77, 768), (V, 768) | the V captions of caption_variants.json, where there is one |
 
 With an encoder, its unconditional embedding (a white image, the empty prompt) also goes to the
 dataset root as the official files/ have it: empty_dino_embedding.npy (257, 1024) and

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.gbuffer import CONDITION_FILES, EMPTY_FILES, TOKEN_FILES, GBufferDataset
+from datasets.gbuffer import (CONDITION_FILES, EMPTY_FILES, TEXT_VARIANT_FILES, TOKEN_FILES, GBufferDataset,
+                             read_caption_variants)
 from models.inputs import encoder_input, input_view_sets
 from models.conditioners import load_conditioner
 from models.vqvae import TriplaneVQVAE, VQVAEConfig
@@ -98,6 +99,13 @@ def test_precompute_writes_the_official_files_in_the_ar_order(data, encoders, tm
         assert np.allclose(emb[0], e_pool[0].numpy(), atol=1e-5) and np.allclose(emb[1:], e_tok[0].numpy(), atol=1e-5)
         c_tok, c_pool = text_cond.encode(s["caption"])
         assert np.allclose(t_tok, c_tok[0].numpy(), atol=1e-5) and np.allclose(t_pool, c_pool[0].numpy(), atol=1e-5)
+        # Every caption of caption_variants.json (make_shapes wrote 8, the caption first).
+        variants = read_caption_variants(d)
+        v_tok, v_pool = (np.load(d / TEXT_VARIANT_FILES[k]) for k in ("tokens", "pooled"))
+        e_tok, e_pool = text_cond.encode(variants)
+        assert len(variants) == 8 and variants[0] == s["caption"] and v_tok.shape == (8, 77, CLIP_DIM)
+        assert np.allclose(v_tok, e_tok.numpy(), atol=1e-5) and np.allclose(v_pool, e_pool.numpy(), atol=1e-5)
+        assert np.allclose(v_pool[0], t_pool, atol=1e-5)
 
         # What the AR model reads back.
         r = tokens[i]

@@ -62,6 +62,22 @@ def test_resume_gives_the_weights_of_a_straight_run(tokens, tmp_path):
     assert [r["loss"] for r in train_log(tmp_path / "straight")] == [r["loss"] for r in train_log(tmp_path / "split")]
 
 
+def test_caption_variants_are_read_and_resume_exactly(tokens, tmp_path):
+    """train.caption_variants: each step conditions on one of the object's captions, drawn from
+    (seed, step, object): other losses than the canonical captions give, the same after a resume."""
+    data, _ = tokens
+    on = ("--set", "train.caption_variants=true")
+    assert _train(data, tmp_path / "straight", 6, *on) == 0
+    assert _train(data, tmp_path / "split", 6, "--stop-at", "3", *on) == 0
+    assert _train(data, tmp_path / "split", 6, "--resume", *on) == 0
+    assert _train(data, tmp_path / "canonical", 6) == 0
+    a, _, _ = load_model(tmp_path / "straight", "ar")
+    b, _, _ = load_model(tmp_path / "split", "ar")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = {d: [r["loss"] for r in train_log(tmp_path / d)] for d in ("straight", "split", "canonical")}
+    assert losses["straight"] == losses["split"] and losses["straight"][0] != losses["canonical"][0]
+
+
 def test_the_loss_falls_and_the_accuracy_rises(tokens, tmp_path):
     data, _ = tokens
     assert _train(data, tmp_path / "run", 40, "--set", "cond_drop=0.0") == 0
