@@ -47,9 +47,12 @@ CONDITION_FILES = {
     "image": {"tokens_and_pooled": "image_dino_embedding_lrm.npy"},  # (1 + T, D), row 0 pooled
     "text": {"tokens": "text_embedding_lrm_3dtopia.npy", "pooled": "text_pooler_output_lrm_3dtopia.npy"},
 }
-# Every caption of caption_variants.json through the text encoder (precompute.py --text-encoder, for
-# the objects that have the file): (V, T, D) and (V, D), row 0 the first caption's.
+# Condition variants (precompute.py): every caption of caption_variants.json through the text
+# encoder ((V, T, D) and (V, D), row 0 the first caption's; with --text-encoder, for the objects
+# that have the file) and every view through the image encoder ((V, 1 + T, D), row 0 of each
+# pooled, as the official file; with --image-encoder and --all-views).
 TEXT_VARIANT_FILES = {"tokens": "text_variants_embedding.npy", "pooled": "text_variants_pooler_output.npy"}
+IMAGE_VARIANT_FILE = "image_variants_embedding.npy"
 # The unconditional embeddings, once per dataset at its root (the official files/): token sequence
 # ((1 + T, D) for the image, row 0 pooled, as the per-object file; (77, D) for text) and pooled (D,).
 EMPTY_FILES = {"image": ("empty_dino_embedding.npy", "empty_dino_pooler_output.npy"),
@@ -212,8 +215,9 @@ def read_precomputed(obj_dir, condition: str | None = None, vocab_size: int | No
     """Token ids, teacher-forcing input and (optionally) the condition embeddings of one object.
 
     condition: None, "image" (DINOv2: 'cond_tokens' (T, D), 'cond_pooled' (D,) from row 0),
-    "text" (CLIP: 'cond_tokens' (77, D), 'cond_pooled' (D,)) or "text_variants" (every caption
-    of caption_variants.json: 'cond_tokens_variants' (V, T, D), 'cond_pooled_variants' (V, D)).
+    "text" (CLIP: 'cond_tokens' (77, D), 'cond_pooled' (D,)), or "text_variants" / "image_variants"
+    (every caption of caption_variants.json / every view: 'cond_tokens_variants' (V, T, D),
+    'cond_pooled_variants' (V, D)).
     The token ids must lie in [0, vocab_size): the given one, else the one the dataset root records for the VQVAE that
     wrote them (tokenizer.json, when there is one).
     """
@@ -246,8 +250,15 @@ def read_precomputed(obj_dir, condition: str | None = None, vocab_size: int | No
         pooled = read_npy(d / TEXT_VARIANT_FILES["pooled"], (tok.shape[0], tok.shape[2]), "f")
         out["cond_tokens_variants"] = torch.from_numpy(tok).float()
         out["cond_pooled_variants"] = torch.from_numpy(pooled).float()
+    elif condition == "image_variants":
+        path = d / IMAGE_VARIANT_FILE
+        if not path.is_file():
+            raise DatasetError(path, "missing embeddings of every view: scripts/precompute.py --image-encoder "
+                               "ENCODER --all-views writes them")
+        emb = torch.from_numpy(read_npy(path, (None, None, None), "f")).float()
+        out["cond_tokens_variants"], out["cond_pooled_variants"] = emb[:, 1:], emb[:, 0]
     elif condition is not None:
-        raise ValueError(f"unknown condition {condition!r}: use None, 'image', 'text' or 'text_variants'")
+        raise ValueError(f"unknown condition {condition!r}: use None, 'image', 'text', 'text_variants' or 'image_variants'")
     return out
 
 

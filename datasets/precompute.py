@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 from datasets.errors import DatasetError
-from datasets.gbuffer import (CONDITION_FILES, EMPTY_FILES, TEXT_VARIANT_FILES, TOKEN_FILES, GBufferDataset, confined,
-                              dino_view, read_caption_variants, read_text)
+from datasets.gbuffer import (CONDITION_FILES, EMPTY_FILES, IMAGE_VARIANT_FILE, TEXT_VARIANT_FILES, TOKEN_FILES,
+                              GBufferDataset, confined, dino_view, read_caption_variants, read_text)
 from models.conditioners import load_conditioner
 from models.inputs import encoder_views, input_view_sets
 from models.layout import check_pair, planes_to_sequence, tokenizer_signature
@@ -33,7 +33,8 @@ TOKENIZER_FILE = "tokenizer.json"
 OUTPUT_FILES = {"tokens": tuple(TOKEN_FILES.values()),
                 "image": tuple(CONDITION_FILES["image"].values()),
                 "text": tuple(CONDITION_FILES["text"].values()),
-                "text_variants": tuple(TEXT_VARIANT_FILES.values())}    # objects with caption_variants.json
+                "text_variants": tuple(TEXT_VARIANT_FILES.values()),    # objects with caption_variants.json
+                "image_variants": (IMAGE_VARIANT_FILE,)}
 
 
 def read_tokenizer_record(root, name: str = TOKENIZER_FILE) -> dict | None:
@@ -72,7 +73,7 @@ def save_npy(path: Path, arr: np.ndarray):
 class Pending(torch.utils.data.Dataset):
     """The objects that miss some outputs; loads (in DataLoader workers) only what those need:
     {'dir', 'needs', 'view_size' (H), 'encoder_input' (V, 10, R, R), 'dino_image' (3, H, W) in [0, 1],
-    'caption'}."""
+    'all_views' (12, 3, H, W), 'caption', 'caption_variants'}."""
 
     def __init__(self, dataset: GBufferDataset, jobs: list, num_views: int, res: int):
         self.dataset, self.jobs, self.num_views, self.res = dataset, jobs, num_views, res
@@ -84,7 +85,7 @@ class Pending(torch.utils.data.Dataset):
         i, needs = self.jobs[j]
         d = confined(self.dataset.root, self.dataset.items[i][0])      # never a folder outside the root
         out = {"dir": d, "needs": needs}
-        if needs & {"tokens", "image"}:
+        if needs & {"tokens", "image", "image_variants"}:
             sample = self.dataset[i]
             if "tokens" in needs:
                 out["view_size"] = sample["rgb"].shape[-1]
@@ -93,6 +94,8 @@ class Pending(torch.utils.data.Dataset):
                                                      views, self.res)
             if "image" in needs:
                 out["dino_image"] = sample["rgb"][dino_view(d)]
+            if "image_variants" in needs:
+                out["all_views"] = sample["rgb"]
         if "text" in needs:
             out["caption"] = read_text(d / "caption_3dtopia.txt")
         if "text_variants" in needs:
@@ -133,6 +136,10 @@ def write_batch(batch: list, vqvae, image_enc, text_enc, device):
         emb = torch.cat([pooled[:, None], tokens], 1).cpu().numpy()
         for b, e in zip(items, emb):
             save_npy(b["dir"] / CONDITION_FILES["image"]["tokens_and_pooled"], e)
+    items = [b for b in batch if "image_variants" in b["needs"]]
+    for b in items:                                 # one object's views at a time: V images
+        tokens, pooled = image_enc.encode(b["all_views"])
+        save_npy(b["dir"] / IMAGE_VARIANT_FILE, torch.cat([pooled[:, None], tokens], 1).cpu().numpy())
     items = [b for b in batch if "text" in b["needs"]]
     if items:
         tokens, pooled = text_enc.encode([b["caption"] for b in items])
@@ -161,14 +168,19 @@ def write_empty(root: Path, kind: str, enc) -> None:
 
 def precompute(data_dir, vqvae_dir, image_encoder=None, text_encoder=None, split: str = "all",
                holdout: int = 100, batch_size: int = 8, workers: int = 0, device="cpu",
-               overwrite: bool = False) -> str:
+               overwrite: bool = False, all_views: bool = False) -> str:
     """Write what the objects of `split` miss (all of it with `overwrite`); an encoder source
-    (models/conditioners.py) turns its embeddings on. Returns a one-line summary."""
+    (models/conditioners.py) turns its embeddings on (the text encoder's also of the caption
+    variants; `all_views`, the image encoder's of every view). Returns a one-line summary."""
     data_dir = Path(data_dir)
     dataset = GBufferDataset(data_dir, split=split, holdout=holdout, mode="views")
     wanted = {"tokens"} | {k for k, source in (("image", image_encoder), ("text", text_encoder)) if source}
     if text_encoder:
         wanted.add("text_variants")
+    if all_views:
+        if not image_encoder:
+            raise ValueError("--all-views encodes every view with the image encoder: give --image-encoder too")
+        wanted.add("image_variants")
     jobs = find_jobs(dataset, wanted, overwrite)
     done = len(dataset) - len(jobs)
     if not jobs:
@@ -184,7 +196,7 @@ def precompute(data_dir, vqvae_dir, image_encoder=None, text_encoder=None, split
                        f"the tokens in {data_dir} (written by {record.get('source', 'another VQVAE')})")
         except ValueError as e:
             raise ValueError(f"{e}; or pass --overwrite to recompute every object's tokens") from None
-    image_enc = load_conditioner("image", image_encoder, device) if "image" in needed else None
+    image_enc = load_conditioner("image", image_encoder, device) if needed & {"image", "image_variants"} else None
     text_enc = load_conditioner("text", text_encoder, device) if needed & {"text", "text_variants"} else None
     for kind, enc in (("image", image_enc), ("text", text_enc)):
         if enc is not None:

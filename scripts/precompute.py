@@ -17,6 +17,7 @@ CONDITION_FILES), what GBufferDataset(mode="tokens") reads back:
 | image_dino_embedding_lrm.npy | (257, 1024) float32 | [pooled; 256 patch tokens] of view (id % 4) + 1 |
 | text_embedding_lrm_3dtopia.npy, text_pooler_output_lrm_3dtopia.npy | (77, 768), (768,) | caption |
 | text_variants_embedding.npy, text_variants_pooler_output.npy | (V, 77, 768), (V, 768) | the V captions of caption_variants.json, where there is one |
+| image_variants_embedding.npy | (12, 257, 1024) | [pooled; patch tokens] of every view (--all-views) |
 
 With an encoder, its unconditional embedding (a white image, the empty prompt) also goes to the
 dataset root as the official files/ have it: empty_dino_embedding.npy (257, 1024) and
@@ -63,6 +64,8 @@ def main(argv=None):
     ap.add_argument("--text-encoder", nargs="?", const=DEFAULT_SOURCES["text"],
                     help="text encoder (CLIP folder or hub id, minilm, ...: models/conditioners.py); "
                          "writes the caption embeddings")
+    ap.add_argument("--all-views", action="store_true",
+                    help="also the image embeddings of every view, for train.condition_variants")
     ap.add_argument("--split", choices=("all", "train", "val", "test"), help="default: all (train with "
                     "--occupancy-vqvae)")
     ap.add_argument("--holdout", type=int, default=100, help="objects per category in 'val' (as GBufferDataset)")
@@ -84,7 +87,7 @@ def main(argv=None):
     if args.split == "test":
         raise ValueError("--split test: the G-buffer datasets have all, train and val")
     print(precompute(args.data_dir, args.vqvae, args.image_encoder, args.text_encoder, args.split or "all",
-                     args.holdout, args.batch_size, args.workers, args.device, args.overwrite))
+                     args.holdout, args.batch_size, args.workers, args.device, args.overwrite, args.all_views))
     return 0
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.gbuffer import (CONDITION_FILES, EMPTY_FILES, TEXT_VARIANT_FILES, TOKEN_FILES, GBufferDataset,
-                             read_caption_variants)
+from datasets.gbuffer import (CONDITION_FILES, EMPTY_FILES, IMAGE_VARIANT_FILE, TEXT_VARIANT_FILES, TOKEN_FILES,
+                             GBufferDataset, dino_view, read_caption_variants)
 from models.inputs import encoder_input, input_view_sets
 from models.conditioners import load_conditioner
 from models.vqvae import TriplaneVQVAE, VQVAEConfig
@@ -120,6 +120,26 @@ def test_precompute_writes_the_official_files_in_the_ar_order(data, encoders, tm
         seq, pooled = (np.load(data / name) for name in EMPTY_FILES[kind])
         assert np.allclose(seq, np.concatenate([pool[None], tok]) if kind == "image" else tok, atol=1e-5)
         assert np.allclose(pooled, pool, atol=1e-5)
+
+
+def test_all_views_give_the_image_variants(data, encoders, tmp_path, capsys):
+    """--all-views: every view's [pooled; tokens] in one file, the official view among them, read
+    back as the image generator's condition variants."""
+    _save_vqvae(tmp_path / "vqvae", TINY32)
+    dino, _ = encoders
+    args = ["--data-dir", str(data), "--vqvae", str(tmp_path / "vqvae"), "--image-encoder", dino, "--device", "cpu"]
+    assert main(args + ["--all-views"]) == 0
+    variants = GBufferDataset(data, split="all", mode="tokens", condition="image_variants")
+    for i, (rel, _) in enumerate(variants.items):
+        d = data / rel
+        emb = np.load(d / IMAGE_VARIANT_FILE)
+        assert emb.shape == (12, 257, DINO_DIM)
+        assert np.allclose(emb[dino_view(d)], np.load(d / CONDITION_FILES["image"]["tokens_and_pooled"]), atol=1e-5)
+        r = variants[i]
+        assert torch.equal(r["cond_tokens_variants"], torch.from_numpy(emb[:, 1:]))
+        assert torch.equal(r["cond_pooled_variants"], torch.from_numpy(emb[:, 0]))
+    capsys.readouterr()
+    assert "--image-encoder" in _cli_error(args[:4] + ["--all-views"], capsys)
 
 
 def test_precompute_resumes_and_overwrites(data, encoders, tmp_path, capsys, caplog):

@@ -63,10 +63,10 @@ def test_resume_gives_the_weights_of_a_straight_run(tokens, tmp_path):
 
 
 def test_caption_variants_are_read_and_resume_exactly(tokens, tmp_path):
-    """train.caption_variants: each step conditions on one of the object's captions, drawn from
+    """train.condition_variants: each step conditions on one of the object's captions, drawn from
     (seed, step, object): other losses than the canonical captions give, the same after a resume."""
     data, _ = tokens
-    on = ("--set", "train.caption_variants=true")
+    on = ("--set", "train.condition_variants=true")
     assert _train(data, tmp_path / "straight", 6, *on) == 0
     assert _train(data, tmp_path / "split", 6, "--stop-at", "3", *on) == 0
     assert _train(data, tmp_path / "split", 6, "--resume", *on) == 0

@@ -53,8 +53,9 @@ class TrainConfig(LoopConfig):
     sample_guidance: float = 4.0
     sample_top_k: int = 900          # the official per-epoch visualisation: top-k 900, top-p 0.95
     sample_top_p: float = 0.95
-    caption_variants: bool = False   # text models: each step reads one caption of caption_variants.json per object
-                                     # (precompute's text_variants files), drawn from (seed, step, object)
+    condition_variants: bool = False  # each step conditions on one variant per object, drawn from (seed, step,
+                                      # object): text, a caption of caption_variants.json; image, any view
+                                      # (precompute's text_variants / image_variants files)
 
 
 @dataclass
@@ -90,8 +91,8 @@ def load_unconditional(data_dir: Path, kind: str) -> Condition | None:
 
 
 def collate(samples: list) -> dict:
-    """A batch; the caption variants of each object stay a list (objects may have different
-    numbers), and their first, the object's caption, is the batch's condition until a step picks."""
+    """A batch; the condition variants of each object stay a list (objects may have different
+    numbers), and their first is the batch's condition until a training step picks one."""
     if "cond_pooled_variants" in samples[0]:
         samples = [{**s, "cond_tokens": s["cond_tokens_variants"][0], "cond_pooled": s["cond_pooled_variants"][0]}
                    for s in samples]
@@ -158,10 +159,10 @@ class ARTrainer(Trainer):
         super().__init__(cfg, out_dir)
         t, data_dir = cfg.train, Path(data_dir)
         condition = cfg.condition if cfg.condition in ("image", "text") else None
-        if t.caption_variants and condition != "text":
-            raise ValueError(f"train.caption_variants is for text generators; this one is {cfg.condition}-guided")
+        if t.condition_variants and condition is None:
+            raise ValueError(f"train.condition_variants is for text and image generators, not {cfg.condition}-guided")
         self.train_ds = GBufferDataset(data_dir, split="train", holdout=t.holdout, mode="tokens",
-                                       condition="text_variants" if t.caption_variants else condition)
+                                       condition=f"{condition}_variants" if t.condition_variants else condition)
         self.val_ds = GBufferDataset(data_dir, split="val", holdout=t.holdout, mode="tokens", condition=condition) \
             if t.holdout > 0 else None
         self.collate = collate
@@ -189,7 +190,7 @@ class ARTrainer(Trainer):
         cfg, device = self.cfg, self.device
         gens = [seeded_generator(self.t.seed, step, int(p)) for p in mb["pos"]]
         u = torch.stack([torch.rand(2, generator=g) for g in gens])
-        if "cond_pooled_variants" in mb:           # one caption of each object, the same after a resume
+        if "cond_pooled_variants" in mb:           # one variant of each object's condition, the same after a resume
             pick = [int(torch.randint(len(v), (), generator=g)) for v, g in zip(mb["cond_pooled_variants"], gens)]
             mb = {**mb, **{k: torch.stack([v[i] for v, i in zip(mb[f"{k}_variants"], pick)])
                            for k in ("cond_tokens", "cond_pooled")}}
