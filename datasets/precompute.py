@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from datasets.errors import DatasetError
 from datasets.gbuffer import (CONDITION_FILES, EMPTY_FILES, IMAGE_VARIANT_FILE, TEXT_VARIANT_FILES, TOKEN_FILES,
-                              GBufferDataset, confined, dino_view, read_caption_variants, read_text)
+                              GBufferDataset, confined, dino_view, read_caption_variants, read_gbuffer_object,
+                              read_text)
 from models.conditioners import load_conditioner
 from models.inputs import encoder_views, input_view_sets
 from models.layout import check_pair, planes_to_sequence, tokenizer_signature
@@ -75,27 +76,33 @@ class Pending(torch.utils.data.Dataset):
     {'dir', 'needs', 'view_size' (H), 'encoder_input' (V, 10, R, R), 'dino_image' (3, H, W) in [0, 1],
     'all_views' (12, 3, H, W), 'caption', 'caption_variants'}."""
 
-    def __init__(self, dataset: GBufferDataset, jobs: list, num_views: int, res: int):
+    def __init__(self, dataset: GBufferDataset, jobs: list, num_views: int, res: int, views_from: Path | None = None):
         self.dataset, self.jobs, self.num_views, self.res = dataset, jobs, num_views, res
+        self.views_from = views_from
 
     def __len__(self):
         return len(self.jobs)
 
     def __getitem__(self, j):
         i, needs = self.jobs[j]
-        d = confined(self.dataset.root, self.dataset.items[i][0])      # never a folder outside the root
+        rel = self.dataset.items[i][0]
+        d = confined(self.dataset.root, rel)                            # never a folder outside the root
         out = {"dir": d, "needs": needs}
-        if needs & {"tokens", "image", "image_variants"}:
+        rgb = None
+        if "tokens" in needs:
             sample = self.dataset[i]
-            if "tokens" in needs:
-                out["view_size"] = sample["rgb"].shape[-1]
-                views = input_view_sets(self.num_views, total=sample["rgb"].shape[0])[0]
-                out["encoder_input"] = encoder_views(sample["rgb"][None], sample["depth"][None], sample["c"][None],
-                                                     views, self.res)
+            rgb = sample["rgb"]
+            out["view_size"] = rgb.shape[-1]
+            views = input_view_sets(self.num_views, total=rgb.shape[0])[0]
+            out["encoder_input"] = encoder_views(rgb[None], sample["depth"][None], sample["c"][None], views, self.res)
+        if needs & {"image", "image_variants"}:
+            if rgb is None or self.views_from is not None:
+                src = d if self.views_from is None else confined(self.views_from, rel)
+                rgb = torch.from_numpy(read_gbuffer_object(src)["rgb"]).permute(0, 3, 1, 2).float() / 255.0
             if "image" in needs:
-                out["dino_image"] = sample["rgb"][dino_view(d)]
+                out["dino_image"] = rgb[dino_view(d)]
             if "image_variants" in needs:
-                out["all_views"] = sample["rgb"]
+                out["all_views"] = rgb
         if "text" in needs:
             out["caption"] = read_text(d / "caption_3dtopia.txt")
         if "text_variants" in needs:
@@ -168,10 +175,12 @@ def write_empty(root: Path, kind: str, enc) -> None:
 
 def precompute(data_dir, vqvae_dir, image_encoder=None, text_encoder=None, split: str = "all",
                holdout: int = 100, batch_size: int = 8, workers: int = 0, device="cpu",
-               overwrite: bool = False, all_views: bool = False) -> str:
+               overwrite: bool = False, all_views: bool = False, views_from=None) -> str:
     """Write what the objects of `split` miss (all of it with `overwrite`); an encoder source
     (models/conditioners.py) turns its embeddings on (the text encoder's also of the caption
-    variants; `all_views`, the image encoder's of every view). Returns a one-line summary."""
+    variants; `all_views`, the image encoder's of every view). `views_from`: the image embeddings
+    of the same objects (category/id) in that dataset instead, such as make_shapes' turned objects
+    for an --upright one. Returns a one-line summary."""
     data_dir = Path(data_dir)
     dataset = GBufferDataset(data_dir, split=split, holdout=holdout, mode="views")
     wanted = {"tokens"} | {k for k, source in (("image", image_encoder), ("text", text_encoder)) if source}
@@ -181,6 +190,8 @@ def precompute(data_dir, vqvae_dir, image_encoder=None, text_encoder=None, split
         if not image_encoder:
             raise ValueError("--all-views encodes every view with the image encoder: give --image-encoder too")
         wanted.add("image_variants")
+    if views_from is not None and not image_encoder:
+        raise ValueError("--views-from gives the image encoder other views: give --image-encoder too")
     jobs = find_jobs(dataset, wanted, overwrite)
     done = len(dataset) - len(jobs)
     if not jobs:
@@ -204,7 +215,8 @@ def precompute(data_dir, vqvae_dir, image_encoder=None, text_encoder=None, split
     if "tokens" in needed:
         (data_dir / TOKENIZER_FILE).write_text(json.dumps(signature, indent=1) + "\n")
     res = vqvae.cfg.input_size
-    loader = torch.utils.data.DataLoader(Pending(dataset, jobs, vqvae.cfg.encoder.num_views, res),
+    loader = torch.utils.data.DataLoader(Pending(dataset, jobs, vqvae.cfg.encoder.num_views, res,
+                                                 None if views_from is None else Path(views_from)),
                                          batch_size=batch_size, num_workers=workers, collate_fn=list)
     resized = set()
     with tqdm(total=len(jobs), unit="obj", desc="precompute", dynamic_ncols=True) as bar:

@@ -152,11 +152,12 @@ def held_out_objects(data_dir: Path, holdout: int) -> list:
     return out
 
 
-def condition_view(obj_dir: Path) -> torch.Tensor:
-    """The view of an object that the image generator's training condition is taken from,
-    (3, H, W) in [0, 1]."""
-    rgb = read_gbuffer_object(obj_dir)["rgb"][dino_view(obj_dir)]
-    return torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+def condition_view(obj_dir: Path, seed: int | None = None) -> torch.Tensor:
+    """The view of an object that the image generator's training condition is taken from, or with
+    `seed` one of all its views drawn from it; (3, H, W) in [0, 1]."""
+    views = read_gbuffer_object(obj_dir)["rgb"]
+    v = dino_view(obj_dir) if seed is None else int(np.random.default_rng(seed).integers(len(views)))
+    return torch.from_numpy(views[v]).permute(2, 0, 1).float() / 255
 
 
 def contact_sheet(path: Path, tiles: list, cols: int = 10) -> None:

@@ -19,8 +19,9 @@ last --holdout of each family's category) are decoded from their own token ids
 colour the palette name in their caption. That is the most a generator over this VQVAE can score.
 
 With --images the image generator is checked on those same held-out objects: each is shown to it
-in the view its training condition is taken from (scripts/precompute.py), and the object it makes
-is checked against the shown object's family and colour.
+in the view its training condition is taken from (scripts/precompute.py), or with --random-views
+in one of all its views, and the object it makes is checked against the shown object's family and
+colour; a --data-dir of turned objects (make_shapes without --upright) shows them at any turn.
 
 Prints per-family and overall accuracies, writes OUT/results.json and OUT/contact_sheet.png
 (one view per prompt, the verdicts under it).
@@ -61,6 +62,8 @@ def main(argv=None) -> int:
                     help="check the VQVAE's decodings of --data-dir's held-out objects instead (no generator)")
     ap.add_argument("--images", action="store_true",
                     help="check the image generator instead, on --data-dir's held-out objects seen in one view")
+    ap.add_argument("--random-views", action="store_true",
+                    help="--images: each object in one of all its views, drawn from (--sample-seed, object)")
     ap.add_argument("--holdout", type=int, default=5, help="held-out objects per category (--reconstruct, --images)")
     ap.add_argument("--vqvae", help="VQVAE folder (default: the demo model)")
     ap.add_argument("--ar", help="text generator folder, or image generator with --images (default: the demo model)")
@@ -79,6 +82,8 @@ def main(argv=None) -> int:
     if args.reconstruct and args.images:
         raise ValueError("--reconstruct and --images: pick one")
     mode = "--reconstruct" if args.reconstruct else "--images" if args.images else None
+    if args.random_views and not args.images:
+        raise ValueError("--random-views is for --images")
     if mode and args.paraphrase:
         raise ValueError(f"--paraphrase is for text prompts, not {mode}")
     if mode and args.data_dir is None:
@@ -94,7 +99,8 @@ def main(argv=None) -> int:
         dec = SAR3DPipeline.from_pretrained(None, "image", vqvae=args.vqvae, ar=args.ar, encoder=args.image_encoder,
                                             device=args.device, precision=args.precision)
         cases = [(caption, family, colour, lambda i=i, d=d: dec.triplanes(dec.sample_tokens(
-                  condition_view(d), 1, args.sample_seed + i, sampling)))
+                  condition_view(d, args.sample_seed + i if args.random_views else None), 1, args.sample_seed + i,
+                  sampling)))
                  for i, (caption, family, colour, d) in enumerate(held_out_objects(args.data_dir, args.holdout))]
     else:
         dec = SAR3DPipeline.from_pretrained(None, "text", vqvae=args.vqvae, ar=args.ar, encoder=args.text_encoder,
@@ -129,9 +135,9 @@ def main(argv=None) -> int:
             print(f"{f:<12} {len(rs):>3} {accuracy(rs, 'family'):>10.2f} {accuracy(rs, 'colour'):>10.2f}")
     print(f"{'overall':<12} {len(results):>3} {overall['family']:>10.2f} {overall['colour']:>10.2f}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "results.json").write_text(json.dumps({"overall": overall, "precision": args.precision,
-                                                                "paraphrase": args.paraphrase, "per_object": results},
-                                                               indent=1))
+    summary = {"overall": overall, "precision": args.precision, "paraphrase": args.paraphrase,
+               "random_views": args.random_views, "per_object": results}
+    (args.out_dir / "results.json").write_text(json.dumps(summary, indent=1))
     contact_sheet(args.out_dir / "contact_sheet.png", tiles)
     print(f"wrote {args.out_dir / 'results.json'} and {args.out_dir / 'contact_sheet.png'}")
     return 0

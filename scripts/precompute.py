@@ -66,6 +66,9 @@ def main(argv=None):
                          "writes the caption embeddings")
     ap.add_argument("--all-views", action="store_true",
                     help="also the image embeddings of every view, for train.condition_variants")
+    ap.add_argument("--views-from", type=Path,
+                    help="the image embeddings from the same objects (category/id) in this dataset instead, e.g. "
+                         "make_shapes' turned objects for an --upright dataset (--overwrite where they exist)")
     ap.add_argument("--split", choices=("all", "train", "val", "test"), help="default: all (train with "
                     "--occupancy-vqvae)")
     ap.add_argument("--holdout", type=int, default=100, help="objects per category in 'val' (as GBufferDataset)")
@@ -87,7 +90,8 @@ def main(argv=None):
     if args.split == "test":
         raise ValueError("--split test: the G-buffer datasets have all, train and val")
     print(precompute(args.data_dir, args.vqvae, args.image_encoder, args.text_encoder, args.split or "all",
-                     args.holdout, args.batch_size, args.workers, args.device, args.overwrite, args.all_views))
+                     args.holdout, args.batch_size, args.workers, args.device, args.overwrite, args.all_views,
+                     args.views_from))
     return 0
 
 

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from datasets.gbuffer import (CONDITION_FILES, EMPTY_FILES, IMAGE_VARIANT_FILE, TEXT_VARIANT_FILES, TOKEN_FILES,
-                             GBufferDataset, dino_view, read_caption_variants)
+                             GBufferDataset, dino_view, read_caption_variants, read_gbuffer_object)
 from models.inputs import encoder_input, input_view_sets
 from models.conditioners import load_conditioner
 from models.vqvae import TriplaneVQVAE, VQVAEConfig
 from models.layout import planes_to_sequence, sequence_to_planes
 from scripts.precompute import main
 from tests.test_conditioners import CLIP_DIM, DINO_DIM, save_tiny_clip, save_tiny_dino
+from tests.helpers import make_tiny_dataset
 from utils.checkpoint import save_model
 from utils.cli import run
 from utils.config import load_config, to_dict
@@ -140,6 +141,16 @@ def test_all_views_give_the_image_variants(data, encoders, tmp_path, capsys):
         assert torch.equal(r["cond_pooled_variants"], torch.from_numpy(emb[:, 0]))
     capsys.readouterr()
     assert "--image-encoder" in _cli_error(args[:4] + ["--all-views"], capsys)
+
+    # The same objects upright, conditioned on the views of the turned ones: the same embeddings.
+    upright = make_tiny_dataset(tmp_path / "upright", extra=["--upright"])
+    assert main(["--data-dir", str(upright), "--vqvae", str(tmp_path / "vqvae"), "--image-encoder", dino,
+                 "--all-views", "--views-from", str(data), "--device", "cpu"]) == 0
+    for rel, _ in variants.items:
+        for name in (IMAGE_VARIANT_FILE, CONDITION_FILES["image"]["tokens_and_pooled"]):
+            assert np.array_equal(np.load(upright / rel / name), np.load(data / rel / name))
+    assert any(not np.array_equal(read_gbuffer_object(upright / rel)["rgb"], read_gbuffer_object(data / rel)["rgb"])
+               for rel, _ in variants.items)
 
 
 def test_precompute_resumes_and_overwrites(data, encoders, tmp_path, capsys, caplog):

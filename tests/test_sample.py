@@ -170,12 +170,18 @@ def test_eval_prompts_images_shows_the_image_generator_the_held_out_objects(mode
     args = ["--images", "--data-dir", str(data), "--holdout", "1", "--vqvae", str(models / "vqvae"),
             "--ar", str(models / "ar_image"), "--mesh-resolution", "12", "--out-dir", str(tmp_path / "eval")]
     assert main(args) == 0
-    results = json.loads((tmp_path / "eval" / "results.json").read_text())["per_object"]
+    summary = json.loads((tmp_path / "eval" / "results.json").read_text())
+    results = summary["per_object"]
     assert [(r["prompt"], r["family"]) for r in results] == \
         [(read_text(data / index[f][-1] / "caption_3dtopia.txt"), f) for f in ("sphere", "box")]
     d, v = data / index["box"][-1], dino_view(data / index["box"][-1])
     with Image.open(d / "raw_img.png") as im:
-        assert torch.equal(condition_view(d), pil_to_tensor(im.crop((32 * v, 0, 32 * (v + 1), 32))))
+        crops = [pil_to_tensor(im.crop((32 * k, 0, 32 * (k + 1), 32))) for k in range(12)]
+    assert torch.equal(condition_view(d), crops[v]) and summary["random_views"] is False
+    drawn = [[k for k in range(12) if torch.equal(condition_view(d, seed), crops[k])] for seed in range(8)]
+    assert all(drawn) and len({k[0] for k in drawn}) > 2                  # --random-views: any of the 12
+    with pytest.raises(ValueError, match="--random-views is for --images"):
+        main(["--random-views"])
     with pytest.raises(ValueError, match="--images needs --data-dir"):
         main(["--images"])
     with pytest.raises(ValueError, match="pick one"):
