@@ -217,9 +217,9 @@ def read_precomputed(obj_dir, condition: str | None = None, vocab_size: int | No
     condition: None, "image" (DINOv2: 'cond_tokens' (T, D), 'cond_pooled' (D,) from row 0),
     "text" (CLIP: 'cond_tokens' (77, D), 'cond_pooled' (D,)), or "text_variants" / "image_variants"
     (every caption of caption_variants.json / every view: 'cond_tokens_variants' (V, T, D),
-    'cond_pooled_variants' (V, D)).
-    The token ids must lie in [0, vocab_size): the given one, else the one the dataset root records for the VQVAE that
-    wrote them (tokenizer.json, when there is one).
+    'cond_pooled_variants' (V, D)). The token ids must lie in [0, vocab_size): the given one, else
+    the one the dataset root records for the VQVAE that wrote them (tokenizer.json, when there is
+    one).
     """
     d = Path(obj_dir)
     gt = read_npy(d / TOKEN_FILES["gt_BL"], (None,), "iu")
@@ -258,7 +258,8 @@ def read_precomputed(obj_dir, condition: str | None = None, vocab_size: int | No
         emb = torch.from_numpy(read_npy(path, (None, None, None), "f")).float()
         out["cond_tokens_variants"], out["cond_pooled_variants"] = emb[:, 1:], emb[:, 0]
     elif condition is not None:
-        raise ValueError(f"unknown condition {condition!r}: use None, 'image', 'text', 'text_variants' or 'image_variants'")
+        raise ValueError(f"unknown condition {condition!r}: use None, 'image', 'text', 'text_variants' or "
+                         "'image_variants'")
     return out
 
 
