@@ -79,9 +79,8 @@ ROWS = [
     ("argus_tokenizer", "demo Argus-3D tokenizer, held-out shapes (MISE meshes)",
      "scripts/eval_occupancy.py --ckpt checkpoints/demo/argus_tokenizer --data-dir data/caption2k --inputs 3000 "
      "--out-dir {out}", "results.json", _occupancy),
-    ("argus_class", "demo class-guided Argus-3D generator, 20 samples per family, guidance 2",
-     "scripts/eval_classes.py --data-dir data/caption2k --per-class 20 --guidance 2 --out-dir {out}", "results.json",
-     _classes),
+    ("argus_class", "demo class-guided Argus-3D generator, 20 samples per family",
+     "scripts/eval_classes.py --data-dir data/caption2k --per-class 20 --out-dir {out}", "results.json", _classes),
     ("argus_ceiling", "demo Argus-3D tokenizer's own reconstructions of the held-out objects (the class "
      "generator's ceiling)", "scripts/eval_classes.py --data-dir data/caption2k --reconstruct --out-dir {out}",
      "results.json", _ceiling),
